@@ -1,0 +1,321 @@
+"""HTTP ext_authz front (Envoy ``http_service``): lean asyncio + ``httptools``, no web framework.
+
+Envoy sends the original method, ``path_prefix`` + original path and the allowed headers (always
+``Host``, ``Authorization``, ``:method``, ``:path``, ``Content-Length``; more through ``allowed_headers``).
+Whatever Envoy adds through ``authorization_request.headers_to_add`` overrides the client's value of the
+same name, so those are the only headers we trust for facts the client must not choose: the
+``x-authz-*`` headers below, which the documented Envoy config sets from its connection (peer principal,
+addresses, workload scope). They are honoured only when ``trust_envoy_headers`` is on, and only in the
+form Envoy writes them: prefixed with ``+`` (Envoy skips a header whose formatted value is empty, so an
+unprefixed value could be the client's own copy; the marker keeps Envoy's value non-empty and therefore
+always overriding). A value without the marker is dropped.
+
+Answer: 200 = allow (headers to set upstream ride on the response; ``x-envoy-auth-headers-to-remove``
+lists headers Envoy removes); 401/403 (or 400) = deny with our JSON body and headers. 5xx is never used
+for a decision: Envoy treats it as an authorizer failure (``failure_mode_allow``). Internal errors deny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+from authz.decision import Decision
+from authz.errors import MalformedRequest
+from authz.metrics import INTERNAL_ERRORS
+from authz.request import HttpAttributes, Peer, Request
+from authz.server.grpc_ext_authz import Checker, denied_body, internal_error_decision
+from authz.server.limits import MAX_HEADER_COUNT, MAX_HEADERS_BYTES, MAX_PATH_BYTES
+
+__all__ = ["TRUSTED_HEADERS", "HttpCheckSettings", "HttpExtAuthzProtocol", "serve_http"]
+
+log = logging.getLogger("authz.server.http")
+
+# Headers Envoy sets through authorization_request.headers_to_add (they override client values).
+H_SOURCE_PRINCIPAL = "x-authz-source-principal"
+H_SOURCE_ADDRESS = "x-authz-source-address"
+H_DESTINATION_ADDRESS = "x-authz-destination-address"
+H_DESTINATION_PRINCIPAL = "x-authz-destination-principal"
+H_PEER_CERTIFICATE = "x-authz-peer-certificate"
+H_SNI = "x-authz-sni"
+H_NAMESPACE = "x-authz-namespace"
+H_LABELS = "x-authz-labels"
+TRUSTED_HEADERS = (
+    H_SOURCE_PRINCIPAL,
+    H_SOURCE_ADDRESS,
+    H_DESTINATION_ADDRESS,
+    H_DESTINATION_PRINCIPAL,
+    H_PEER_CERTIFICATE,
+    H_SNI,
+    H_NAMESPACE,
+    H_LABELS,
+)
+TRUSTED_VALUE_MARKER = "+"
+_HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "expect"})
+# A check request carries no body unless Envoy is configured to buffer one; cap what we accept.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCheckSettings:
+    path_prefix: str = ""
+    """Envoy's ``http_service.path_prefix``, stripped from the path before deciding."""
+    trust_envoy_headers: bool = True
+    """Honour ``x-authz-*`` headers (set by Envoy's ``headers_to_add``); off = ignore and strip them."""
+
+
+def _split_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, 0
+    host = host.strip("[]")
+    try:
+        return host, int(port)
+    except ValueError:
+        return value, 0
+
+
+def build_request(
+    method: str,
+    raw_path: str,
+    headers: dict[str, str],
+    *,
+    peer: tuple[str, int],
+    settings: HttpCheckSettings,
+) -> Request:
+    """Translate one HTTP check request into a :class:`Request`. Raises :class:`MalformedRequest`."""
+    path = raw_path
+    if settings.path_prefix and path.startswith(settings.path_prefix):
+        path = path[len(settings.path_prefix) :] or "/"
+    ext: dict[str, str] = {}
+    src = Peer(address=peer[0], port=peer[1])
+    dst = Peer()
+    sni = ""
+    trusted = {name: headers.pop(name) for name in TRUSTED_HEADERS if name in headers}
+    if settings.trust_envoy_headers and trusted:
+        facts = {k: v[1:] for k, v in trusted.items() if v.startswith(TRUSTED_VALUE_MARKER)}
+        principal = facts.get(H_SOURCE_PRINCIPAL, "")
+        cert = facts.get(H_PEER_CERTIFICATE, "")
+        src_addr = facts.get(H_SOURCE_ADDRESS, "")
+        address, port = _split_hostport(src_addr) if src_addr else (peer[0], peer[1])
+        src = Peer(address=address, port=port, principal=principal, certificate=unquote(cert) if cert else "")
+        dst_addr = facts.get(H_DESTINATION_ADDRESS, "")
+        d_address, d_port = _split_hostport(dst_addr) if dst_addr else ("", 0)
+        dst = Peer(address=d_address, port=d_port, principal=facts.get(H_DESTINATION_PRINCIPAL, ""))
+        sni = facts.get(H_SNI, "")
+        if H_NAMESPACE in facts:
+            ext["namespace"] = facts[H_NAMESPACE]
+        if H_LABELS in facts:
+            ext["labels"] = facts[H_LABELS]
+    host = headers.get("host", "")
+    headers[":authority"] = host
+    headers[":method"] = method
+    headers[":path"] = path
+    return Request(
+        source=src,
+        destination=dst,
+        http=HttpAttributes(method=method, host=host, path=path, headers=headers),
+        sni=sni,
+        context_extensions=ext,
+    )
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden"}
+
+
+def _header_line(name: str, value: str) -> bytes:
+    return f"{name}: {value}\r\n".encode("latin-1", "replace")
+
+
+def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
+    """The HTTP/1.1 response Envoy's HTTP ext_authz client reads for this decision."""
+    conn = b"" if keep_alive else b"connection: close\r\n"
+    if decision.allowed:
+        parts = [b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n", conn]
+        ops = decision.headers
+        for k, v in ops.set:
+            parts.append(_header_line(k, v))
+        for k, v in ops.append:
+            parts.append(_header_line(k, v))
+        if ops.remove:
+            parts.append(_header_line("x-envoy-auth-headers-to-remove", ",".join(ops.remove)))
+        for k, v in ops.response:
+            parts.append(_header_line(k, v))
+        parts.append(_header_line("x-authz-decision-id", decision.decision_id))
+        parts.append(b"\r\n")
+        return b"".join(parts)
+    body = denied_body(decision).encode("utf-8")
+    status = decision.status if 400 <= decision.status < 500 else 403
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Denied")),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        conn,
+        _header_line("x-authz-decision-id", decision.decision_id),
+    ]
+    if decision.www_authenticate:
+        head.append(_header_line("www-authenticate", decision.www_authenticate))
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+class HttpExtAuthzProtocol(asyncio.Protocol):
+    """One connection from Envoy's HTTP ext_authz client. Requests are answered in order."""
+
+    def __init__(
+        self,
+        check: Checker,
+        settings: HttpCheckSettings,
+        malformed: Callable[[MalformedRequest], Decision],
+    ) -> None:
+        self._check = check
+        self._settings = settings
+        self._malformed = malformed
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._peer: tuple[str, int] = ("", 0)
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._error: MalformedRequest | None = None
+        self._queue: deque[tuple[Request | MalformedRequest, bool]] = deque()
+        self._draining = False
+        self._closing = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer = (str(peer[0]), int(peer[1]))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        except httptools.HttpParserError:
+            self._fail(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._transport = None
+
+    def _fail(self, raw: bytes) -> None:
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._transport.write(raw)
+            self._transport.close()
+
+    # -- httptools callbacks --
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._error = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_PATH_BYTES and self._error is None:
+            self._error = MalformedRequest(f"path longer than {MAX_PATH_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._error is not None:
+            return
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADERS_BYTES or len(self._headers) >= MAX_HEADER_COUNT:
+            self._error = MalformedRequest("request headers too large")
+            return
+        try:
+            key = name.decode("ascii").lower()
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error = MalformedRequest("header is not valid UTF-8")
+            return
+        if key in _HOP_HEADERS:
+            return
+        prev = self._headers.get(key)
+        self._headers[key] = text if prev is None else f"{prev},{text}"
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > MAX_BODY_BYTES and self._error is None:
+            self._error = MalformedRequest("check request body too large")
+
+    def on_message_complete(self) -> None:
+        keep_alive = self._parser.should_keep_alive()
+        item: Request | MalformedRequest
+        if self._error is not None:
+            item = self._error
+        else:
+            try:
+                method = self._parser.get_method().decode("ascii")
+                path = self._url.decode("utf-8")
+                item = build_request(method, path, self._headers, peer=self._peer, settings=self._settings)
+            except UnicodeDecodeError:
+                item = MalformedRequest("path is not valid UTF-8")
+            except MalformedRequest as exc:
+                item = exc
+        self._queue.append((item, keep_alive))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                item, keep_alive = self._queue.popleft()
+                try:
+                    if isinstance(item, MalformedRequest):
+                        decision = self._malformed(item)
+                    else:
+                        decision = await self._check(item)
+                    raw = encode_response(decision, keep_alive=keep_alive)
+                except Exception:
+                    log.exception("internal error in HTTP check")
+                    INTERNAL_ERRORS.labels(front="http").inc()
+                    raw = encode_response(internal_error_decision("internal error"), keep_alive=keep_alive)
+                transport = self._transport
+                if transport is None or self._closing:
+                    return
+                transport.write(raw)
+                if not keep_alive:
+                    self._closing = True
+                    transport.close()
+                    return
+        finally:
+            self._draining = False
+
+
+async def serve_http(
+    check: Checker,
+    host: str,
+    port: int,
+    *,
+    settings: HttpCheckSettings,
+    malformed: Callable[[MalformedRequest], Decision],
+    reuse_port: bool = False,
+    sock: Any = None,
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(
+            lambda: HttpExtAuthzProtocol(check, settings, malformed), sock=sock, backlog=1024
+        )
+    return await loop.create_server(
+        lambda: HttpExtAuthzProtocol(check, settings, malformed),
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+    )

@@ -1,0 +1,144 @@
+"""The HTTP ext_authz front over a real socket: parsing, trusted headers, limits, keep-alive."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from authz.decision import Decision, HeaderOps
+from authz.errors import MalformedRequest
+from authz.request import Request
+from authz.server.http_ext_authz import HttpCheckSettings, serve_http
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[Request] = []
+
+    async def __call__(self, request: Request) -> Decision:
+        self.seen.append(request)
+        assert request.http is not None
+        if request.http.path.startswith("/ok"):
+            return Decision(
+                allowed=True,
+                status=200,
+                reason="allowed",
+                decision_id="i1",
+                headers=HeaderOps(set=(("x-user", "a"),), remove=("authorization", "x-t")),
+            )
+        return Decision(allowed=False, status=403, reason="denied_by_policy", decision_id="i2")
+
+
+def malformed(exc: MalformedRequest) -> Decision:
+    return Decision(allowed=False, status=400, reason=exc.reason, message=exc.message)
+
+
+async def roundtrip(raw: bytes, settings_: HttpCheckSettings | None = None) -> tuple[bytes, Recorder]:
+    rec = Recorder()
+    server = await serve_http(
+        rec, "127.0.0.1", 0, settings=settings_ or HttpCheckSettings(), malformed=malformed
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        data = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(65536), timeout=0.5)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        writer.close()
+        return data, rec
+    finally:
+        server.close()
+
+
+async def test_allow_carries_headers_and_removal_list() -> None:
+    raw = b"GET /ok/1?x=y HTTP/1.1\r\nHost: orders\r\nAuthorization: Bearer t\r\nX-A: 1\r\nX-A: 2\r\n\r\n"
+    data, rec = await roundtrip(raw)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"x-user: a\r\n" in data
+    assert b"x-envoy-auth-headers-to-remove: authorization,x-t\r\n" in data
+    req = rec.seen[0]
+    assert req.http is not None
+    assert req.http.path == "/ok/1?x=y"
+    assert req.http.host == "orders"
+    assert req.http.headers["x-a"] == "1,2"
+    assert req.http.headers[":method"] == "GET"
+
+
+async def test_keep_alive_answers_requests_in_order() -> None:
+    raw = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nGET /no HTTP/1.1\r\nHost: a\r\n\r\n"
+    data, rec = await roundtrip(raw)
+    assert data.index(b"200 OK") < data.index(b"403 Forbidden")
+    assert [r.http.path for r in rec.seen if r.http] == ["/ok", "/no"]
+
+
+async def test_trusted_headers_need_the_envoy_marker() -> None:
+    raw = (
+        b"GET /ok HTTP/1.1\r\nHost: a\r\nx-authz-source-principal: +spiffe://td/ns/a/sa/b\r\n"
+        b"x-authz-namespace: forged\r\nx-authz-source-address: +10.1.2.3:4444\r\n\r\n"
+    )
+    _, rec = await roundtrip(raw)
+    req = rec.seen[0]
+    assert req.source.principal == "spiffe://td/ns/a/sa/b"
+    assert (req.source.address, req.source.port) == ("10.1.2.3", 4444)
+    assert "namespace" not in req.context_extensions  # unmarked: the client's own copy, dropped
+    assert req.http is not None and "x-authz-namespace" not in req.http.headers
+
+
+async def test_trusted_headers_ignored_when_trust_is_off() -> None:
+    raw = b"GET /ok HTTP/1.1\r\nHost: a\r\nx-authz-source-principal: +spiffe://td/ns/a/sa/b\r\n\r\n"
+    _, rec = await roundtrip(raw, HttpCheckSettings(trust_envoy_headers=False))
+    assert rec.seen[0].source.principal == ""
+
+
+async def test_path_prefix_is_stripped() -> None:
+    _, rec = await roundtrip(
+        b"GET /check/ok/x HTTP/1.1\r\nHost: a\r\n\r\n", HttpCheckSettings(path_prefix="/check")
+    )
+    assert rec.seen[0].http is not None and rec.seen[0].http.path == "/ok/x"
+
+
+async def test_oversized_headers_are_a_400_deny_not_a_crash() -> None:
+    raw = (
+        b"GET /ok HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"x-%d: %s\r\n" % (i, b"v" * 1000) for i in range(120))
+        + b"\r\n"
+    )
+    data, rec = await roundtrip(raw)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert rec.seen == []
+
+
+async def test_non_utf8_header_is_400() -> None:
+    data, _ = await roundtrip(b"GET /ok HTTP/1.1\r\nHost: a\r\nX-B: \xff\xfe\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_garbage_is_400_and_closed() -> None:
+    data, rec = await roundtrip(b"\x00\x01 NOT HTTP\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert rec.seen == []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_allow(data: bytes) -> None:
+    """No byte string makes the front answer 200 for a path it was not asked to allow, or crash."""
+    out, rec = asyncio.run(roundtrip(b"GET /no HTTP/1.1\r\nHost: a\r\n" + data))
+    assert b"200 OK" not in out or any(r.http is not None and r.http.path.startswith("/ok") for r in rec.seen)
+
+
+@pytest.mark.parametrize("te", [b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"])
+async def test_smuggling_shape_is_rejected(te: bytes) -> None:
+    data, _ = await roundtrip(b"POST /ok HTTP/1.1\r\nHost: a\r\n" + te + b"\r\n0\r\n\r\n")
+    assert b"200 OK" not in data
