@@ -107,7 +107,10 @@ def parse_documents(text: str, file: str = "<string>") -> list[Resource]:
     """Parse a (multi-document) YAML string into resources. Raises :class:`ConfigErrors`."""
     errors: list[ConfigError] = []
     out: list[Resource] = []
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as exc:  # e.g. control characters, rejected by the reader before parsing
+        raise ConfigErrors([ConfigError(f"YAML syntax error: {exc}", file=file)]) from None
     try:
         while loader.check_node():
             node = loader.get_node()
