@@ -105,6 +105,7 @@ def _ext_authz_filter(spec: SidecarSpec) -> dict[str, Any]:
             ("x-authz-source-principal", "%DOWNSTREAM_PEER_URI_SAN%"),
             ("x-authz-source-address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
             ("x-authz-destination-address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+            ("x-authz-destination-principal", "%DOWNSTREAM_LOCAL_URI_SAN%"),
             ("x-authz-peer-certificate", "%DOWNSTREAM_PEER_CERT%"),
             ("x-authz-sni", "%REQUESTED_SERVER_NAME%"),
             ("x-authz-namespace", spec.namespace),
