@@ -1,0 +1,106 @@
+"""``authz check|test|lint`` on the example policies, and the package's public names."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+import authz.policy
+from authz.errors import ConfigError
+from authz.policy import cli
+from authz.policy.requestfile import parse_request_file
+
+ROOT = Path(__file__).resolve().parents[3]
+POLICIES = ROOT / "policies"
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def test_check_allow_and_deny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    req = tmp_path / "r.yaml"
+    req.write_text(
+        "method: GET\npath: /orders\nsource: {principal: spiffe://cluster.local/ns/web/sa/frontend}\n"
+        "destination: {port: 8080}\nworkload: {namespace: orders, labels: {app: orders}}\n"
+    )
+    assert run(["check", "--policies", str(POLICIES), "--request", str(req)]) == 0
+    assert "allowed by ALLOW rule ns[orders]-policy[orders-read-write]-rule[0]" in capsys.readouterr().out
+    req.write_text("method: DELETE\npath: /orders\nworkload: {namespace: orders, labels: {app: orders}}\n")
+    assert run(["check", "--policies", str(POLICIES), "--request", str(req), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["allowed"] is False and out["policyId"] == "none" and out["trace"]
+
+
+def test_check_bad_request_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    req = tmp_path / "r.yaml"
+    req.write_text("metod: GET\n")
+    assert run(["check", "--policies", str(POLICIES), "--request", str(req)]) == 2
+    assert "unknown field" in capsys.readouterr().err
+
+
+def test_test_command_on_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["test", str(POLICIES)]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "0 failed" in out
+
+
+def test_test_command_reports_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: n}\nspec: {}\n"  # noqa: E501
+        "---\napiVersion: meshauthz.dev/v1alpha1\nkind: AuthorizationPolicyTest\nmetadata: {name: t, namespace: n}\n"  # noqa: E501
+        "spec:\n  cases:\n  - name: wrongly expects allow\n    request: {namespace: n}\n    expect: allow\n"
+    )
+    assert run(["test", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "expected allow, got deny" in out
+
+
+def test_lint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["lint", str(POLICIES)]) == 0
+    assert "warning" in capsys.readouterr().out
+    (tmp_path / "bad.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: DENY\n"  # noqa: E501
+    )
+    assert run(["lint", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'bad.yaml'}:5: spec.rules:" in capsys.readouterr().out
+
+
+def test_parse_request_file() -> None:
+    req, wl, auth = parse_request_file(
+        {
+            "method": "POST",
+            "path": "/x",
+            "headers": {"X-A": ["1", "2"]},
+            "port": 80,
+            "namespace": "n",
+            "labels": {"app": "a"},
+            "claims": {"sub": "s"},
+            "spaceDelimitedClaims": ["roles"],
+        }
+    )
+    assert req.http is not None and req.http.headers == {"x-a": "1,2"} and req.destination.port == 80
+    assert wl.namespace == "n" and wl.labels == {"app": "a"}
+    assert auth is not None and "roles" in auth.space_delimited
+    tcp, _, none = parse_request_file({"tcp": True})
+    assert tcp.http is None and none is None
+    for bad in ({"port": "http"}, {"headers": {"a": {"b": 1}}}, {"tcp": "yes"}, {"claims": []}, []):
+        with pytest.raises(ConfigError):
+            parse_request_file(bad)
+
+
+def test_public_api() -> None:
+    assert set(authz.policy.__all__) == {
+        "Action", "AuthorizationPolicy", "CompiledPolicies", "FieldMatch", "PolicyResult", "PolicyWarning",
+        "Rule", "check_http_request", "compile_policies", "evaluate", "load_authorization_policies",
+        "normalize_path",
+    }  # fmt: skip
+    for name in authz.policy.__all__:
+        assert hasattr(authz.policy, name)
