@@ -14,7 +14,12 @@ __all__ = ["build_parser", "main"]
 
 # Modules that expose ``register(subparsers) -> None``. Each adds its sub-commands with
 # ``set_defaults(func=...)``, where ``func(args) -> int`` returns the exit code.
-COMMAND_MODULES: tuple[str, ...] = ("authz.policy.cli", "authz.identity.cli", "authz.idp.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "authz.server.cli",
+    "authz.policy.cli",
+    "authz.identity.cli",
+    "authz.idp.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,423 @@
+"""The orchestrator the engine calls: extract tokens, find keys, verify, build identity and headers.
+
+Decision semantics are Envoy's jwt_authn requirement as istiod generates it (spec §3.3; istio
+``pilot/pkg/security/authn/policy_applier.go``): for n rules ``ANY(P0..Pn-1, ALL(ANY(Pi, allow_missing)))``,
+which comes down to:
+
+* no token in any configured location: pass, no identity (authorization decides);
+* every token present must be valid for one of the rules configured at its location whose issuer
+  matches (rules with the same issuer are alternatives: OR);
+* a token whose ``iss`` matches no such rule: 401 ``issuer_not_configured``;
+* audience mismatch: 403; any other failure: 401; keys unavailable: 401 ``issuer_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import httpx
+
+from authz.authn.claims import header_value, lookup_claim
+from authz.authn.credentials import ExtractedToken, TokenExtractor, is_cors_preflight
+from authz.authn.introspection import Introspector
+from authz.authn.jwk import HMAC_ALGORITHMS, KeySet, parse_jwks
+from authz.authn.jwks import KeySource, RemoteKeySource, StaticKeySource
+from authz.authn.jwt import VerifiedToken, check_claims, decode_unverified, looks_like_jws, verify
+from authz.authn.model import JwtRule
+from authz.authn.settings import AuthnSettings, IssuerSettings
+from authz.authn.token_cache import DEFAULT_MAX_ENTRIES, MAX_ENTRY_TTL, TtlLru, token_digest
+from authz.clock import Clock
+from authz.decision import HeaderOps
+from authz.errors import CredentialError, DependencyError
+from authz.request import Request, RequestAuth
+
+__all__ = ["Authenticator", "AuthnResult"]
+
+MAX_EXTRACTORS = 1024  # distinct rule sets (workloads) whose compiled token locations are kept
+_EMPTY_HEADERS = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthnResult:
+    """What authentication concluded. ``error`` set means deny with ``error.status`` (401/403).
+
+    ``auth`` is the request identity (``request.auth.*``) or ``None`` when no token was presented.
+    ``headers`` are applied upstream when the request is allowed. ``tokens`` are the verified tokens,
+    each with its rule and issuer settings (certificate binding is checked by the engine).
+    ``bypassed`` is true for a CORS preflight that skipped JWT verification.
+    """
+
+    auth: RequestAuth | None = None
+    error: CredentialError | None = None
+    headers: HeaderOps = field(default_factory=HeaderOps)
+    tokens: tuple[VerifiedToken, ...] = ()
+    bypassed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_PASS = AuthnResult()
+_BYPASS = AuthnResult(bypassed=True)
+
+
+class Authenticator:
+    """Authenticates requests against jwtRules. One per process; keys and caches live here."""
+
+    def __init__(
+        self,
+        *,
+        settings: AuthnSettings,
+        clock: Clock,
+        http: httpx.AsyncClient | None = None,
+        token_cache_size: int = DEFAULT_MAX_ENTRIES,
+        backoff_initial: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._http = http
+        self._own_http = http is None
+        self._backoff_initial = backoff_initial
+        self._sources: dict[tuple[str, str, str], KeySource] = {}
+        self._source_by_rule: dict[str, KeySource] = {}
+        self._introspectors: dict[str, Introspector] = {}
+        self._extractors: dict[tuple[JwtRule, ...], TokenExtractor] = {}
+        self._cache: TtlLru[VerifiedToken] = TtlLru(token_cache_size)
+        self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start background key refresh for every key source known now or created later."""
+        self._started = True
+        for key, source in self._sources.items():
+            self._spawn(key, source)
+
+    async def close(self) -> None:
+        self._started = False
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        for t in list(self._closing):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._closing.clear()
+        for source in self._sources.values():
+            await source.close()
+        if self._own_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def prepare(self, rules: Sequence[JwtRule]) -> None:
+        """Create the key sources of ``rules`` ahead of traffic (after :meth:`start` they begin
+        fetching at once). Optional: :meth:`authenticate` creates them lazily otherwise."""
+        for rule in rules:
+            self._source(rule, rule.issuer)
+
+    def update_settings(self, settings: AuthnSettings) -> None:
+        """Swap issuer settings (on reload). Cached verifications are dropped: they were checked
+        against the old settings (skew, required claims, HMAC secrets)."""
+        self.settings = settings
+        self._cache.clear()
+        self._introspectors.clear()
+        # Key sources whose fetch settings changed are rebuilt on next use; their keys are refetched.
+        stale = [
+            key
+            for key, source in self._sources.items()
+            if isinstance(source, RemoteKeySource) and source.settings != settings.for_issuer(key[1]).jwks
+        ]
+        for key in stale:
+            source = self._sources.pop(key)
+            task = self._tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing was started either
+                closing = asyncio.get_running_loop().create_task(source.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        if stale:
+            self._source_by_rule.clear()
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    async def authenticate(self, request: Request, rules: Sequence[JwtRule]) -> AuthnResult:
+        """Authenticate ``request`` against the merged jwtRules of its workload (spec §3.3)."""
+        http = request.http
+        if not rules or http is None:
+            return _PASS
+        if is_cors_preflight(http):
+            return _BYPASS
+        extractor = self._extractor(rules)
+        found = extractor.extract(http)
+        if not found:
+            if extractor.sanitize:
+                return AuthnResult(headers=HeaderOps(remove=extractor.sanitize))
+            return _PASS
+        verified: list[tuple[VerifiedToken, ExtractedToken]] = []
+        for extracted in found:
+            candidates = [extractor.rules[i] for i in extracted.rules]
+            try:
+                vt = self._cached(extracted.token, candidates)
+                if vt is None:
+                    vt = await self._verify_slow(extracted.token, candidates)
+            except CredentialError as exc:
+                return AuthnResult(error=exc)
+            verified.append((vt, extracted))
+        return self._result(verified, extractor)
+
+    def _extractor(self, rules: Sequence[JwtRule]) -> TokenExtractor:
+        key = tuple(rules)
+        ex = self._extractors.get(key)
+        if ex is None:
+            if len(self._extractors) >= MAX_EXTRACTORS:
+                self._extractors.clear()
+            ex = TokenExtractor(key)
+            self._extractors[key] = ex
+        return ex
+
+    def _cached(self, token: str, candidates: Sequence[JwtRule]) -> VerifiedToken | None:
+        digest = token_digest(token)
+        now = self.clock()
+        for rule in candidates:
+            vt = self._cache.get((digest, rule.fingerprint), now)
+            if vt is None:
+                continue
+            if self._key_still_trusted(vt):
+                return vt
+            self._cache.discard((digest, rule.fingerprint))
+        return None
+
+    def _key_still_trusted(self, vt: VerifiedToken) -> bool:
+        """The key that verified a cached token must still be in the issuer's current keys."""
+        if vt.algorithm == "introspection":
+            return True
+        if vt.algorithm in HMAC_ALGORITHMS:
+            settings = self.settings.for_issuer(vt.rule.issuer)
+            return any(k.fingerprint == vt.key_fingerprint for k in settings.hmac_keys)
+        source = self._source_by_rule.get(vt.rule.fingerprint)
+        keys = source.current() if source is not None else None
+        return keys is not None and keys.contains(vt.key_fingerprint)
+
+    # -- the slow path ---------------------------------------------------------------------------
+
+    async def _verify_slow(self, token: str, candidates: Sequence[JwtRule]) -> VerifiedToken:
+        if not looks_like_jws(token):
+            intro_rules = [r for r in candidates if self.settings.for_issuer(r.issuer).introspection]
+            if intro_rules:
+                return await self._introspect(token, intro_rules)
+        max_bytes = max(self.settings.for_issuer(r.issuer).max_token_bytes for r in candidates)
+        header, payload, _, _ = decode_unverified(token, max_bytes=max_bytes)
+        iss = payload.get("iss")
+        matching = [r for r in candidates if not r.issuer or r.issuer == iss]
+        if not matching:
+            raise CredentialError("Jwt issuer is not configured", reason="issuer_not_configured")
+        errors: list[CredentialError] = []
+        for rule in matching:
+            settings = self.settings.for_issuer(rule.issuer)
+            try:
+                vt = await self._verify_with_rule(token, header, rule, settings)
+            except CredentialError as exc:
+                errors.append(exc)
+                continue
+            now = self.clock()
+            self._cache.put(
+                (token_digest(token), rule.fingerprint),
+                vt,
+                now=now,
+                expires_at=vt.expires_at,
+                max_ttl=MAX_ENTRY_TTL,
+            )
+            return vt
+        # A 403 means some rule verified the signature and only the audience was wrong: report that.
+        return _raise_best(errors)
+
+    async def _verify_with_rule(
+        self, token: str, header: Mapping[str, Any], rule: JwtRule, settings: IssuerSettings
+    ) -> VerifiedToken:
+        alg = header.get("alg")
+        if alg in HMAC_ALGORITHMS:
+            # HS* keys come only from the issuer settings; no JWKS is needed (or trusted) for them.
+            return verify(token, KeySet(), now=self.clock(), rule=rule, settings=settings)
+        source = self._source(rule, rule.issuer)
+        try:
+            keys = await source.get()
+        except DependencyError as exc:
+            raise CredentialError(
+                f"Jwks remote fetch is failed: {exc.message}", reason="issuer_unavailable"
+            ) from None
+        try:
+            return verify(token, keys, now=self.clock(), rule=rule, settings=settings)
+        except CredentialError as exc:
+            kid = header.get("kid")
+            if exc.reason != "unknown_kid" or not isinstance(kid, str) or keys.has_kid(kid):
+                raise
+            # istio#51581: the IdP may have rotated; refetch (rate limited, single-flight) and retry once.
+            fresh = await source.refetch_for_kid(kid)
+            if fresh is None or fresh is keys:
+                raise
+            return verify(token, fresh, now=self.clock(), rule=rule, settings=settings)
+
+    async def _introspect(self, token: str, rules: Sequence[JwtRule]) -> VerifiedToken:
+        errors: list[CredentialError] = []
+        for rule in rules:
+            settings = self.settings.for_issuer(rule.issuer)
+            intro = self._introspector(rule, settings)
+            try:
+                claims = await intro.introspect(token)
+                iss = claims.get("iss")
+                if rule.issuer and iss is not None and iss != rule.issuer:
+                    raise CredentialError("Jwt issuer is not configured", reason="issuer_not_configured")
+                if rule.issuer and iss is None:
+                    claims = {**claims, "iss": rule.issuer}
+                check_claims(claims, now=self.clock(), rule=rule, settings=settings)
+            except DependencyError as exc:
+                errors.append(
+                    CredentialError(f"Token introspection failed: {exc.message}", reason="issuer_unavailable")
+                )
+                continue
+            except CredentialError as exc:
+                errors.append(exc)
+                continue
+            exp = claims.get("exp")
+            payload = json.dumps(dict(claims), separators=(",", ":")).encode()
+            return VerifiedToken(
+                token=token,
+                header={},
+                claims=claims,
+                payload_segment=base64.urlsafe_b64encode(payload).rstrip(b"=").decode(),
+                algorithm="introspection",
+                kid=None,
+                key_fingerprint="introspection",
+                expires_at=float(exp) if isinstance(exp, int | float) else None,
+                rule=rule,
+                settings=settings,
+            )
+        return _raise_best(errors)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _source_key(rule: JwtRule, issuer: str) -> tuple[str, str, str]:
+        if rule.jwks:
+            return ("inline", issuer, hashlib.sha256(rule.jwks.encode()).hexdigest())
+        return ("remote", issuer, rule.jwks_uri)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(follow_redirects=False)
+        return self._http
+
+    def _source(self, rule: JwtRule, issuer: str) -> KeySource:
+        source = self._source_by_rule.get(rule.fingerprint)
+        if source is not None:
+            return source
+        key = self._source_key(rule, issuer)
+        source = self._sources.get(key)
+        if source is not None:
+            self._source_by_rule[rule.fingerprint] = source
+            return source
+        if rule.jwks:
+            # Validated at load time (model.py), so parsing cannot fail here.
+            parsed = parse_jwks(rule.jwks, source=f"{rule.origin}.jwks")
+            source = StaticKeySource(issuer=issuer, keys=parsed.keys, skipped=parsed.skipped)
+        else:
+            settings = self.settings.for_issuer(issuer)
+            extra: dict[str, float] = {}
+            if self._backoff_initial is not None:
+                extra["backoff_initial"] = self._backoff_initial
+            source = RemoteKeySource(
+                issuer=issuer,
+                jwks_uri=rule.jwks_uri,
+                settings=settings.jwks,
+                timeout=rule.timeout,
+                clock=self.clock,
+                http=None if settings.jwks.ca_bundle_file else self._client(),
+                **extra,
+            )
+        self._sources[key] = source
+        self._source_by_rule[rule.fingerprint] = source
+        if self._started:
+            self._spawn(key, source)
+        return source
+
+    def _spawn(self, key: tuple[str, str, str], source: KeySource) -> None:
+        if key not in self._tasks and isinstance(source, RemoteKeySource):
+            self._tasks[key] = asyncio.get_running_loop().create_task(source.run())
+
+    def _introspector(self, rule: JwtRule, settings: IssuerSettings) -> Introspector:
+        intro = self._introspectors.get(rule.issuer)
+        if intro is None:
+            assert settings.introspection is not None
+            intro = Introspector(
+                issuer=rule.issuer,
+                settings=settings.introspection,
+                clock=self.clock,
+                http=self._client(),
+                timeout=rule.timeout,
+            )
+            self._introspectors[rule.issuer] = intro
+        return intro
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def _result(
+        self, verified: Sequence[tuple[VerifiedToken, ExtractedToken]], extractor: TokenExtractor
+    ) -> AuthnResult:
+        set_headers: dict[str, str] = {}
+        remove: dict[str, None] = {}
+        for vt, extracted in verified:
+            rule = vt.rule
+            if rule.output_payload_to_header:
+                set_headers[rule.output_payload_to_header] = vt.payload_segment
+            for ch in rule.output_claim_to_headers:
+                value = header_value(lookup_claim(vt.claims, ch.claim))
+                if value is not None:
+                    set_headers[ch.header] = value
+            # Envoy JwtProvider.forward=false removes the token header; params and cookies stay.
+            if extracted.location.kind == "header" and not rule.forward_original_token:
+                remove[extracted.location.name] = None
+        for name in extractor.sanitize:
+            remove[name] = None
+        first = verified[0][0]
+        # Several tokens: istio leaves the principal undefined; we use the first location's token.
+        auth = RequestAuth(claims=first.claims, space_delimited=first.rule.space_delimited)
+        ops = HeaderOps(
+            set=tuple(set_headers.items()),
+            remove=tuple(n for n in remove if n not in set_headers),
+        )
+        return AuthnResult(
+            auth=auth,
+            headers=ops if (ops.set or ops.remove) else _EMPTY_HEADERS,
+            tokens=tuple(vt for vt, _ in verified),
+        )
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, object]:
+        """For ``/config_dump``: every key source and introspector, and the token cache size."""
+        return {
+            "key_sources": [s.describe() for s in self._sources.values()],
+            "introspection": [i.describe() for i in self._introspectors.values()],
+            "token_cache": {"entries": len(self._cache), "max_entries": self._cache.max_entries},
+        }
+
+
+def _raise_best(errors: Sequence[CredentialError]) -> NoReturn:
+    for exc in errors:
+        if exc.status == 403:
+            raise exc
+    raise errors[0]

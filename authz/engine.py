@@ -1,0 +1,214 @@
+"""The engine: request -> credentials -> keys -> verify -> evaluate -> Decision.
+
+One engine serves every front (gRPC and HTTP ext_authz servers, the bundled proxy in-process). The
+fronts only translate. The engine holds the policy :class:`~authz.snapshot.Snapshot` in force and swaps
+it atomically on reload; each check reads the snapshot once, so a check never mixes two policy sets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from authz.authn import Authenticator, AuthnResult
+from authz.authn.settings import CertificateBinding
+from authz.clock import Clock, system_clock
+from authz.config import MeshConfig
+from authz.decision import Decision, HeaderOps, Reason, TraceEntry
+from authz.decision_log import DecisionLog, decision_record
+from authz.errors import AuthzError, CredentialError, MalformedRequest
+from authz.identity import PeerTrust, check_certificate_binding, check_spiffe_binding, resolve_peer_identity
+from authz.metrics import CHECK_LATENCY, CHECKS, INTERNAL_ERRORS
+from authz.policy import PolicyResult, check_http_request, evaluate, normalize_path
+from authz.request import Request, RequestAuth, Workload
+from authz.snapshot import Snapshot
+from authz.workload import resolve_workload
+
+__all__ = ["Engine", "remote_ip"]
+
+log = logging.getLogger("authz.engine")
+
+# Claims copied into the allow decision (dynamic metadata, identity headers): the identity, not the payload.
+IDENTITY_CLAIMS = ("iss", "sub", "aud", "azp", "client_id", "scope", "exp")
+
+
+def remote_ip(request: Request, num_trusted_proxies: int) -> str:
+    """Istio's ``remote.ip``: with N trusted proxies, the Nth address from the right of X-Forwarded-For
+    (Envoy ``xff_num_trusted_hops``); with 0, or fewer addresses than N, the direct peer address."""
+    if num_trusted_proxies <= 0 or request.http is None:
+        return request.source.address
+    xff = request.http.headers.get("x-forwarded-for", "")
+    if not xff:
+        return request.source.address
+    hops = [h.strip() for h in xff.split(",") if h.strip()]
+    if len(hops) < num_trusted_proxies:
+        return request.source.address
+    return hops[-num_trusted_proxies]
+
+
+class Engine:
+    """Decides checks. ``check`` never raises: every outcome, errors included, is a :class:`Decision`."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        *,
+        mesh: MeshConfig,
+        authenticator: Authenticator,
+        default_workload: Workload | None = None,
+        peer_trust: PeerTrust | None = None,
+        clock: Clock = system_clock,
+        decision_log: DecisionLog | None = None,
+        fail_open: bool = False,
+    ) -> None:
+        self._snapshot = snapshot
+        self.mesh = mesh
+        self.authenticator = authenticator
+        self.default_workload = default_workload or Workload()
+        self.peer_trust = peer_trust or PeerTrust(trust_domain=mesh.trust_domain)
+        self._clock = clock
+        self.decision_log = decision_log
+        self.fail_open = fail_open
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """Put a new, already validated and compiled, policy set in force (atomic reference swap)."""
+        self._snapshot = snapshot
+
+    def _next_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    async def check(self, request: Request, workload: Workload | None = None) -> Decision:
+        started = time.perf_counter()
+        snapshot = self._snapshot
+        if workload is None:
+            workload = resolve_workload(
+                request.context_extensions, request.destination.principal, self.default_workload
+            )
+        try:
+            decision = await self._decide(snapshot, request, workload)
+        except MalformedRequest as exc:
+            decision = self.malformed(exc)
+        except AuthzError as exc:
+            decision = self._error_decision(exc.reason, str(exc))
+        except Exception as exc:  # fail closed on bugs: count, log, deny
+            log.exception("internal error deciding a check")
+            INTERNAL_ERRORS.labels(front="engine").inc()
+            decision = self._error_decision(Reason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        decision = replace(decision, decision_id=self._next_id())
+        elapsed = time.perf_counter() - started
+        CHECKS.labels(decision="allow" if decision.allowed else "deny", reason=decision.reason).inc()
+        CHECK_LATENCY.observe(elapsed)
+        if self.decision_log is not None:
+            self.decision_log.record(
+                decision_record(decision, request, workload, now=self._clock(), latency_s=elapsed)
+            )
+        return decision
+
+    def malformed(self, exc: MalformedRequest) -> Decision:
+        return Decision(allowed=False, status=400, reason=exc.reason, message=exc.message)
+
+    def _error_decision(self, reason: str, message: str) -> Decision:
+        if self.fail_open:
+            return Decision(allowed=True, status=200, reason=reason, message=f"fail open: {message}")
+        return Decision(allowed=False, status=403, reason=reason, message=message)
+
+    async def _decide(self, snapshot: Snapshot, request: Request, workload: Workload) -> Decision:
+        now = self._clock()
+        # 1. Peer identity: only verified sources become source.principal (authz.identity.peer).
+        peer = resolve_peer_identity(request, trust=self.peer_trust, now=now)
+        changes: dict[str, Any] = {}
+        if peer.principal != request.source.principal:
+            changes["source"] = replace(request.source, principal=peer.principal)
+        rip = remote_ip(request, self.mesh.num_trusted_proxies)
+        if rip != request.remote_ip:
+            changes["remote_ip"] = rip
+        if changes:
+            request = replace(request, **changes)
+        # 2. Path: normalized once, as the mesh's HCM would (idempotent when Envoy already did it).
+        path = ""
+        if request.http is not None:
+            check_http_request(request.http)  # Envoy's HCM rejects these with 400; so do we
+            path = normalize_path(request.http.path, self.mesh.path_normalization)
+        # 3. Credentials: RequestAuthentication semantics (authz.authn).
+        rules = snapshot.jwt_rules_for(workload)
+        authn: AuthnResult = await self.authenticator.authenticate(request, rules)
+        if authn.error is not None:
+            return _credential_decision(authn.error, peer.principal, path)
+        auth = authn.auth
+        if auth is not None:
+            try:
+                _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
+            except CredentialError as exc:
+                return _credential_decision(exc, peer.principal, path)
+        # 4. Policies: AUDIT -> DENY -> ALLOW (authz.policy).
+        result: PolicyResult = evaluate(snapshot.policies, request, workload, auth, path=path)
+        return _policy_decision(result, authn, peer.principal, path)
+
+
+def _check_bindings(authn: AuthnResult, principal: str, thumbprint: str) -> None:
+    """Sender-constrained tokens: RFC 8705 certificate binding and our SPIFFE-ID binding, per issuer."""
+    for token in authn.tokens:
+        settings = token.settings
+        if settings.certificate_binding is not CertificateBinding.DISABLED or "cnf" in token.claims:
+            mode = settings.certificate_binding.value
+            check_certificate_binding(token.claims, thumbprint, mode=mode)  # type: ignore[arg-type]
+        spiffe = settings.spiffe_binding
+        if spiffe is not None:
+            check_spiffe_binding(
+                token.claims, claim=spiffe.claim, peer_spiffe_id=principal, pattern=spiffe.pattern or None
+            )
+
+
+def _identity_claims(auth: RequestAuth | None) -> Mapping[str, Any]:
+    if auth is None:
+        return {}
+    return {k: auth.claims[k] for k in IDENTITY_CLAIMS if k in auth.claims}
+
+
+def _credential_decision(error: CredentialError, principal: str, path: str) -> Decision:
+    return Decision(
+        allowed=False,
+        status=error.status,
+        reason=error.reason,
+        message=error.message,
+        www_authenticate=error.www_authenticate if error.status == 401 else "",
+        principal=principal,
+        normalized_path=path,
+        trace=(TraceEntry(stage="authn", policy="", rule=None, matched=False, detail=error.message),),
+    )
+
+
+def _policy_decision(result: PolicyResult, authn: AuthnResult, principal: str, path: str) -> Decision:
+    auth = authn.auth
+    if result.allowed:
+        headers = authn.headers
+        status = 200
+    else:
+        headers = HeaderOps()
+        status = 403
+    return Decision(
+        allowed=result.allowed,
+        status=status,
+        reason=result.reason,
+        message="" if result.allowed else "RBAC: access denied",
+        policy_id=result.policy_id,
+        trace=result.trace,
+        headers=headers,
+        principal=principal,
+        request_principal=auth.principal if auth is not None else "",
+        claims=_identity_claims(auth),
+        audit=result.audit,
+        shadow=result.shadow,
+        normalized_path=path,
+    )

@@ -1,0 +1,214 @@
+"""``authz serve``: one process serving gRPC ext_authz, HTTP ext_authz and the admin endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz.authn import Authenticator
+from authz.clock import system_clock
+from authz.config import MeshConfig
+from authz.decision_log import DecisionLog
+from authz.engine import Engine
+from authz.request import Request, Workload
+from authz.server.admin import build_admin_app
+from authz.server.grpc_ext_authz import AuthorizationServicer, add_to_server
+from authz.server.http_ext_authz import HttpCheckSettings, serve_http
+from authz.server.reload import PolicyReloader
+from authz.snapshot import Snapshot
+
+__all__ = ["DEFAULT_ADMIN", "DEFAULT_GRPC", "DEFAULT_HTTP", "ServeOptions", "Server", "parse_addr"]
+
+log = logging.getLogger("authz.server")
+
+# Fixed, documented defaults on loopback. 9191 is the port the OPA-Envoy plugin and Envoy's examples use for
+# a gRPC ext_authz server; HTTP mode and admin sit next to it.
+DEFAULT_GRPC = "127.0.0.1:9191"
+DEFAULT_HTTP = "127.0.0.1:9192"
+DEFAULT_ADMIN = "127.0.0.1:9193"
+GRPC_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _AdminServer(uvicorn.Server):
+    """uvicorn without its signal capture: the authorizer owns SIGINT/SIGTERM/SIGHUP."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class ServeOptions:
+    policies: list[Path]
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    grpc_addr: str | None = DEFAULT_GRPC
+    http_addr: str | None = DEFAULT_HTTP
+    admin_addr: str | None = DEFAULT_ADMIN
+    default_workload: Workload = field(default_factory=Workload)
+    http_settings: HttpCheckSettings = field(default_factory=HttpCheckSettings)
+    decision_log: DecisionLog | None = None
+    fail_open: bool = False
+    watch: bool = True
+    reuse_port: bool = False
+
+
+class Server:
+    """Owns the engine and every listener. ``start()`` binds; ``stop()`` drains and closes."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.reloader = PolicyReloader(options.policies, options.mesh, on_swap=self._swap)
+        snapshot = self.reloader.load_initial()
+        self.authenticator = Authenticator(settings=snapshot.authn_settings, clock=system_clock)
+        self.engine = Engine(
+            snapshot,
+            mesh=options.mesh,
+            authenticator=self.authenticator,
+            default_workload=options.default_workload,
+            decision_log=options.decision_log,
+            fail_open=options.fail_open,
+        )
+        self._grpc: grpc.aio.Server | None = None
+        self._http: asyncio.Server | None = None
+        self._admin: uvicorn.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+        self.ready = False
+        self.grpc_port = 0
+        self.http_port = 0
+        self.admin_port = 0
+
+    def _swap(self, snapshot: Snapshot) -> None:
+        if snapshot.authn_settings != self.engine.snapshot.authn_settings:
+            self.authenticator.update_settings(snapshot.authn_settings)
+        self.authenticator.prepare(snapshot.all_jwt_rules())
+        self.engine.swap(snapshot)
+
+    async def _check(self, request: Request) -> Any:
+        return await self.engine.check(request)
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "policies": self.engine.snapshot.describe(),
+            "reload": self.reloader.describe(),
+            "issuers": self.authenticator.describe(),
+            "mesh": {
+                "rootNamespace": self.options.mesh.root_namespace,
+                "trustDomain": self.options.mesh.trust_domain,
+                "trustDomainAliases": list(self.options.mesh.trust_domain_aliases),
+                "pathNormalization": self.options.mesh.path_normalization.value,
+                "numTrustedProxies": self.options.mesh.num_trusted_proxies,
+            },
+            "listeners": {"grpc": self.grpc_port, "http": self.http_port, "admin": self.admin_port},
+        }
+
+    async def start(self) -> None:
+        opts = self.options
+        self.authenticator.prepare(self.engine.snapshot.all_jwt_rules())
+        if opts.grpc_addr:
+            host, port = parse_addr(opts.grpc_addr)
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+                    ("grpc.max_concurrent_streams", 1000),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ]
+            )
+            add_to_server(server, AuthorizationServicer(self._check, malformed=self.engine.malformed))
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            await health_servicer.set(GRPC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            reflection.enable_server_reflection(
+                (GRPC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+            if self.grpc_port == 0:
+                raise OSError(f"cannot bind gRPC ext_authz on {opts.grpc_addr}")
+            await server.start()
+            self._grpc = server
+        if opts.http_addr:
+            host, port = parse_addr(opts.http_addr)
+            self._http = await serve_http(
+                self._check,
+                host,
+                port,
+                settings=opts.http_settings,
+                malformed=self.engine.malformed,
+                reuse_port=opts.reuse_port,
+            )
+            self.http_port = self._http.sockets[0].getsockname()[1]
+        if opts.admin_addr:
+            host, port = parse_addr(opts.admin_addr)
+            app = build_admin_app(ready=lambda: self.ready, config_dump=self.config_dump)
+            config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+            self._admin = _AdminServer(config)
+            self._tasks.append(asyncio.create_task(self._admin.serve()))
+            for _ in range(200):  # bounded wait for the admin socket (uvicorn binds asynchronously)
+                if self._admin.started or self._tasks[-1].done():
+                    break
+                await asyncio.sleep(0.01)
+            if self._tasks[-1].done():
+                self._tasks[-1].result()
+                raise OSError(f"cannot bind admin on {opts.admin_addr}")
+            servers = getattr(self._admin, "servers", [])
+            if servers and servers[0].sockets:
+                self.admin_port = servers[0].sockets[0].getsockname()[1]
+        await self.authenticator.start()
+        if opts.watch:
+            self._tasks.append(asyncio.create_task(self.reloader.watch(self._stop)))
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: self._tasks.append(asyncio.create_task(self.reloader.reload()))
+            )
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stop.set()
+        if self._http is not None:
+            self._http.close()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self._admin is not None:
+            self._admin.should_exit = True
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=3)
+        await self.authenticator.close()
+        if self.options.decision_log is not None:
+            self.options.decision_log.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop.set)
+        log.info(
+            "meshauthz serving: grpc=%s http=%s admin=%s",
+            self.grpc_port or "-",
+            self.http_port or "-",
+            self.admin_port or "-",
+        )
+        await self._stop.wait()
+        await self.stop()
