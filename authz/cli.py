@@ -17,6 +17,7 @@ __all__ = ["build_parser", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "authz.server.cli",
     "authz.policy.cli",
+    "authz.proxy.cli",
     "authz.identity.cli",
     "authz.idp.cli",
 )

@@ -6,6 +6,7 @@ Each reader returns a usable default after recording an error, so one load repor
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -160,5 +161,13 @@ class FieldReader:
             return False
         if parts.scheme not in ("http", "https") or not parts.hostname:
             self.fail(path, f"must be an http:// or https:// URL with a host, got {value!r}")
+            return False
+        try:
+            ip = ipaddress.ip_address(parts.hostname)
+        except ValueError:
+            return True
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            # istio jwks_resolver.go jwksBlockedIP: link-local (cloud metadata 169.254.169.254) is refused.
+            self.fail(path, f"refusing a link-local, multicast or unspecified address: {parts.hostname}")
             return False
         return True

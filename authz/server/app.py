@@ -16,17 +16,14 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from authz.authn import Authenticator
-from authz.clock import system_clock
 from authz.config import MeshConfig
+from authz.decision import Decision
 from authz.decision_log import DecisionLog
-from authz.engine import Engine
 from authz.request import Request, Workload
+from authz.runtime import AuthzRuntime
 from authz.server.admin import build_admin_app
 from authz.server.grpc_ext_authz import AuthorizationServicer, add_to_server
 from authz.server.http_ext_authz import HttpCheckSettings, serve_http
-from authz.server.reload import PolicyReloader
-from authz.snapshot import Snapshot
 
 __all__ = ["DEFAULT_ADMIN", "DEFAULT_GRPC", "DEFAULT_HTTP", "ServeOptions", "Server", "parse_addr"]
 
@@ -71,58 +68,40 @@ class ServeOptions:
 
 
 class Server:
-    """Owns the engine and every listener. ``start()`` binds; ``stop()`` drains and closes."""
+    """Owns the runtime (engine + reload + key fetching) and every listener."""
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.reloader = PolicyReloader(options.policies, options.mesh, on_swap=self._swap)
-        snapshot = self.reloader.load_initial()
-        self.authenticator = Authenticator(settings=snapshot.authn_settings, clock=system_clock)
-        self.engine = Engine(
-            snapshot,
-            mesh=options.mesh,
-            authenticator=self.authenticator,
+        self.runtime = AuthzRuntime(
+            options.policies,
+            options.mesh,
             default_workload=options.default_workload,
             decision_log=options.decision_log,
             fail_open=options.fail_open,
         )
+        self.engine = self.runtime.engine
+        self.reloader = self.runtime.reloader
+        self.authenticator = self.runtime.authenticator
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._admin: uvicorn.Server | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._admin_task: asyncio.Task[Any] | None = None
         self._stop = asyncio.Event()
         self.ready = False
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
 
-    def _swap(self, snapshot: Snapshot) -> None:
-        if snapshot.authn_settings != self.engine.snapshot.authn_settings:
-            self.authenticator.update_settings(snapshot.authn_settings)
-        self.authenticator.prepare(snapshot.all_jwt_rules())
-        self.engine.swap(snapshot)
-
-    async def _check(self, request: Request) -> Any:
+    async def _check(self, request: Request) -> Decision:
         return await self.engine.check(request)
 
     def config_dump(self) -> dict[str, Any]:
-        return {
-            "policies": self.engine.snapshot.describe(),
-            "reload": self.reloader.describe(),
-            "issuers": self.authenticator.describe(),
-            "mesh": {
-                "rootNamespace": self.options.mesh.root_namespace,
-                "trustDomain": self.options.mesh.trust_domain,
-                "trustDomainAliases": list(self.options.mesh.trust_domain_aliases),
-                "pathNormalization": self.options.mesh.path_normalization.value,
-                "numTrustedProxies": self.options.mesh.num_trusted_proxies,
-            },
-            "listeners": {"grpc": self.grpc_port, "http": self.http_port, "admin": self.admin_port},
-        }
+        dump = self.runtime.config_dump()
+        dump["listeners"] = {"grpc": self.grpc_port, "http": self.http_port, "admin": self.admin_port}
+        return dump
 
     async def start(self) -> None:
         opts = self.options
-        self.authenticator.prepare(self.engine.snapshot.all_jwt_rules())
         if opts.grpc_addr:
             host, port = parse_addr(opts.grpc_addr)
             server = grpc.aio.server(
@@ -158,29 +137,29 @@ class Server:
             )
             self.http_port = self._http.sockets[0].getsockname()[1]
         if opts.admin_addr:
-            host, port = parse_addr(opts.admin_addr)
-            app = build_admin_app(ready=lambda: self.ready, config_dump=self.config_dump)
-            config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-            self._admin = _AdminServer(config)
-            self._tasks.append(asyncio.create_task(self._admin.serve()))
-            for _ in range(200):  # bounded wait for the admin socket (uvicorn binds asynchronously)
-                if self._admin.started or self._tasks[-1].done():
-                    break
-                await asyncio.sleep(0.01)
-            if self._tasks[-1].done():
-                self._tasks[-1].result()
-                raise OSError(f"cannot bind admin on {opts.admin_addr}")
-            servers = getattr(self._admin, "servers", [])
-            if servers and servers[0].sockets:
-                self.admin_port = servers[0].sockets[0].getsockname()[1]
-        await self.authenticator.start()
-        if opts.watch:
-            self._tasks.append(asyncio.create_task(self.reloader.watch(self._stop)))
+            await self._start_admin(opts.admin_addr)
+        await self.runtime.start(watch=opts.watch)
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, lambda: self._tasks.append(asyncio.create_task(self.reloader.reload()))
-            )
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.runtime.reload_soon)
         self.ready = True
+
+    async def _start_admin(self, addr: str) -> None:
+        host, port = parse_addr(addr)
+        app = build_admin_app(ready=lambda: self.ready, config_dump=self.config_dump)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        admin = _AdminServer(config)
+        task = asyncio.create_task(admin.serve())
+        for _ in range(500):  # bounded wait for the admin socket (uvicorn binds asynchronously)
+            if admin.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done() or not admin.started:
+            task.cancel()
+            raise OSError(f"cannot bind admin on {addr}")
+        self._admin, self._admin_task = admin, task
+        servers = getattr(admin, "servers", [])
+        if servers and servers[0].sockets:
+            self.admin_port = servers[0].sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         self.ready = False
@@ -189,14 +168,11 @@ class Server:
             self._http.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        if self._admin is not None:
+        if self._admin is not None and self._admin_task is not None:
             self._admin.should_exit = True
-        for task in self._tasks:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, timeout=3)
-        await self.authenticator.close()
-        if self.options.decision_log is not None:
-            self.options.decision_log.close()
+                await asyncio.wait_for(self._admin_task, timeout=3)
+        await self.runtime.stop()
 
     async def serve_forever(self) -> None:
         await self.start()

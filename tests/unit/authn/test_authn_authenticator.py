@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from authn_kit import ISSUER, NOW, claims
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authz.authn import authenticator as authenticator_module
 from authz.authn.authenticator import Authenticator, AuthnResult
@@ -290,9 +292,11 @@ class RotatingIdp:
         self.keys = list(keys)
         self.fetches = 0
         self.up = True
+        self.urls: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.fetches += 1
+        self.urls.append(str(request.url))
         if not self.up:
             return httpx.Response(503)
         return httpx.Response(200, json=jwks_document(*self.keys), headers={"cache-control": "max-age=300"})
@@ -460,3 +464,44 @@ def test_public_api_is_exactly_the_intended_names() -> None:
         ]
     )
     assert all(hasattr(pkg, name) for name in pkg.__all__)
+
+
+async def test_urls_named_by_a_token_are_never_fetched(
+    remote: Callable[..., tuple[Authenticator, RotatingIdp]], clock: FrozenClock
+) -> None:
+    key = SigningKey.generate("ES256", kid="k")
+    attacker = SigningKey.generate("ES256", kid="evil")
+    a, idp = remote(key)
+    header = {"jku": "https://attacker.test/jwks", "x5u": "https://attacker.test/cert"}
+    for i in range(3):
+        clock.advance(20)  # past the unknown-kid cooldown each time
+        token = attacker.sign(claims(iss=ISSUER, sub=f"s{i}"), header=header)
+        result = await a.authenticate(bearer(token), [REMOTE_RULE])
+        assert result.error is not None and result.error.reason == "unknown_kid"
+    assert idp.urls and set(idp.urls) == {f"{ISSUER}/jwks"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    auth=st.text(max_size=120),
+    query=st.text(max_size=60),
+    cookie=st.text(max_size=60),
+)
+def test_arbitrary_credentials_never_raise(auth: str, query: str, cookie: str, rsa_key: SigningKey) -> None:
+    rules = [
+        inline_rule(rsa_key, audiences=("api",)),
+        inline_rule(rsa_key, issuer=OTHER, from_params=("t",), from_cookies=("c",)),
+    ]
+    req = request(f"/?t={query}&access_token={query}", authorization=auth, cookie=f"c={cookie}")
+    prefixed = request(authorization=f"Bearer {auth}")
+
+    async def run() -> list[AuthnResult]:
+        a = Authenticator(settings=AuthnSettings(), clock=FrozenClock(NOW))
+        try:
+            return [await a.authenticate(r, rules) for r in (req, prefixed)]
+        finally:
+            await a.close()
+
+    for result in asyncio.run(run()):
+        assert isinstance(result, AuthnResult)
+        assert result.error is None or result.error.status in (401, 403)

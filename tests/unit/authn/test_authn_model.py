@@ -112,6 +112,8 @@ def test_v1beta1_is_accepted_and_other_kinds_ignored() -> None:
             "policies.yaml:8: spec.jwtRules[0]: RequestAuthentication foo/ra: issuer or jwksUri must be set",
         ),
         ("  jwtRules:\n  - issuer: a\n    jwksUri: ftp://x/jwks\n", "spec.jwtRules[0].jwksUri"),
+        ("  jwtRules:\n  - issuer: a\n    jwksUri: http://169.254.169.254/keys\n", "link-local"),
+        ("  jwtRules:\n  - issuer: a\n    jwksUri: 'http://[fe80::1]/keys'\n", "link-local"),
         ("  jwtRules:\n  - issuer: a\n    jwksUri: 'http://x:port/'\n", "invalid URL"),
         (
             "  jwtRules:\n  - issuer: a\n    jwksUri: https://x/j\n    jwks: '{}'\n",

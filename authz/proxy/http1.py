@@ -1,0 +1,391 @@
+"""HTTP/1.1 message codec for the proxy: strict parsing (httptools/llhttp) plus the checks llhttp leaves
+to us.
+
+Bytes in, events out; no sockets here. The listener and the upstream connection feed bytes and pull
+:class:`RequestHead`/:class:`ResponseHead`, body chunks and end-of-message events.
+
+What llhttp already rejects (spec ``proxy.md`` §3.1): CL+TE, duplicate or malformed Content-Length,
+obs-fold, bare LF, space before colon, chunk-size overflow. What we add:
+
+* exactly one ``Host`` in HTTP/1.1, at most one in HTTP/1.0 (RFC 9112 §3.2);
+* no ``Transfer-Encoding`` in HTTP/1.0 (RFC 9112 §6.1), only ``chunked`` as transfer coding (Envoy: 501);
+* header size and count limits (Envoy ``max_request_headers_kb`` 60, ``max_headers_count`` 100 ⇒ 431);
+* hop-by-hop header stripping (RFC 9110 §7.6.1, RFC 2616 §13.5.1);
+* re-framing: we never pass framing through, we write our own ``Content-Length`` or ``chunked``
+  (RFC 9112 §6.3).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httptools
+
+from authz.errors import MalformedRequest
+
+__all__ = [
+    "DEFAULT_MAX_HEADER_BYTES",
+    "DEFAULT_MAX_HEADER_COUNT",
+    "HOP_BY_HOP",
+    "LAST_CHUNK",
+    "Body",
+    "CodecError",
+    "Event",
+    "RequestHead",
+    "RequestParser",
+    "ResponseHead",
+    "ResponseParser",
+    "encode_chunk",
+    "serialize_request_head",
+    "serialize_response_head",
+    "strip_hop_by_hop",
+    "valid_header_name",
+    "valid_header_value",
+]
+
+DEFAULT_MAX_HEADER_BYTES = 60 * 1024  # Envoy max_request_headers_kb default (60 KiB)
+DEFAULT_MAX_HEADER_COUNT = 100  # Envoy max_headers_count default
+FEED_SLICE = 8 * 1024  # bytes fed to llhttp at once, bounds the overshoot of the incomplete-head guard
+
+HOP_BY_HOP = frozenset(
+    {
+        # RFC 9110 §7.6.1
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        # RFC 2616 §13.5.1
+        "trailer",
+        "trailers",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+LAST_CHUNK = b"0\r\n\r\n"
+
+Body = Literal["none", "length", "chunked", "close"]
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class CodecError(MalformedRequest):
+    """A message we refuse to forward. ``status`` is the answer to send (400, 431, 501) before closing."""
+
+    def __init__(self, message: str, *, status: int = 400, reason: str = "malformed_request") -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
+
+
+def valid_header_name(name: str) -> bool:
+    """RFC 9110 §5.1: field-name = token."""
+    return bool(name) and all(ord(c) < 128 and ord(c) in _TCHAR for c in name)
+
+
+def valid_header_value(value: str) -> bool:
+    """RFC 9110 §5.5: no CR, LF or NUL in a field value (those are how responses get split)."""
+    return not any(c in value for c in "\r\n\0")
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed request line and header section. Header names are lower case, in arrival order."""
+
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    keep_alive: bool
+    body: Body
+    content_length: int | None = None
+    expect_continue: bool = False
+
+    def get(self, name: str) -> str | None:
+        """All values of ``name`` joined with ``,`` (RFC 9110 §5.3), or None."""
+        values = [v for k, v in self.headers if k == name]
+        return ",".join(values) if values else None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A parsed status line and header section."""
+
+    status: int
+    reason: str
+    version: str
+    headers: list[tuple[str, str]]
+    keep_alive: bool
+    body: Body
+    content_length: int | None = None
+
+    def get(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k == name]
+        return ",".join(values) if values else None
+
+
+@dataclass(slots=True)
+class Event:
+    """``kind`` is "head", "body", "end" or "error"; ``head``/``data``/``error`` carry the payload."""
+
+    kind: Literal["head", "body", "end", "error"]
+    head: RequestHead | ResponseHead | None = None
+    data: bytes = b""
+    error: CodecError | None = None
+
+
+@dataclass(slots=True)
+class _HeadState:
+    url: bytearray = field(default_factory=bytearray)
+    status: bytearray = field(default_factory=bytearray)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    header_bytes: int = 0
+    fed_bytes: int = 0
+
+
+class _Parser:
+    """Shared callback plumbing over an httptools parser: collects :class:`Event` into a deque."""
+
+    def __init__(self, max_header_bytes: int, max_header_count: int) -> None:
+        self.events: collections.deque[Event] = collections.deque()
+        self._max_bytes = max_header_bytes
+        self._max_count = max_header_count
+        self._head: _HeadState | None = None
+        self._failed = False
+        self._limit_error: CodecError | None = None
+
+    # -- httptools callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._head = _HeadState()
+
+    def on_url(self, url: bytes) -> None:
+        assert self._head is not None
+        self._head.url += url
+        self._count(len(url))
+
+    def on_status(self, status: bytes) -> None:
+        assert self._head is not None
+        self._head.status += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._head is not None
+        self._count(len(name) + len(value) + 4)
+        if len(self._head.headers) >= self._max_count:
+            self._limit(f"more than {self._max_count} header fields")
+        self._head.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(Event("body", data=bytes(body)))
+
+    def on_message_complete(self) -> None:
+        self.events.append(Event("end"))
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _count(self, n: int) -> None:
+        assert self._head is not None
+        self._head.header_bytes += n
+        if self._head.header_bytes > self._max_bytes:
+            self._limit(f"header section larger than {self._max_bytes} bytes")
+
+    def _limit(self, message: str) -> None:
+        self._limit_error = CodecError(message, status=431, reason="headers_too_large")
+        raise self._limit_error
+
+    def _feed(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes) -> None:
+        if self._failed:
+            return
+        for start in range(0, len(data), FEED_SLICE):
+            piece = data[start : start + FEED_SLICE]
+            try:
+                parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._fail(CodecError("protocol upgrade and CONNECT are not supported", status=501))
+                return
+            except httptools.HttpParserCallbackError as exc:
+                cause = self._limit_error or exc.__context__
+                if isinstance(cause, CodecError):
+                    self._fail(cause)
+                else:
+                    self._fail(CodecError(f"invalid message: {cause or exc}"))
+                return
+            except httptools.HttpParserError as exc:
+                self._fail(CodecError(f"invalid message: {exc}"))
+                return
+            head = self._head
+            if head is not None:
+                # llhttp buffers an incomplete header line without telling us; bound it ourselves.
+                head.fed_bytes += len(piece)
+                if head.fed_bytes > self._max_bytes + FEED_SLICE:
+                    self._fail(
+                        CodecError(
+                            f"header section larger than {self._max_bytes} bytes",
+                            status=431,
+                            reason="headers_too_large",
+                        )
+                    )
+                    return
+
+    def _fail(self, error: CodecError) -> None:
+        self._failed = True
+        self.events.append(Event("error", error=error))
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+
+def _framing(headers: list[tuple[str, str]], version: str, *, request: bool) -> tuple[Body, int | None]:
+    """Decide the body framing (RFC 9112 §6.1-6.3) and reject the shapes used for smuggling."""
+    te = [v for k, v in headers if k == "transfer-encoding"]
+    cl = [v for k, v in headers if k == "content-length"]
+    if te and cl:  # RFC 9112 §6.3 ¶3: reject rather than guess (llhttp already does)
+        raise CodecError("both Content-Length and Transfer-Encoding")
+    if len(cl) > 1:
+        raise CodecError("several Content-Length fields")
+    if te:
+        if version == "1.0" and request:  # RFC 9112 §6.1: TE in HTTP/1.0 is a smuggling vector
+            raise CodecError("Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for c in ",".join(te).split(",") if c.strip()]
+        if codings != ["chunked"]:
+            raise CodecError(f"unsupported transfer coding {','.join(te)!r}", status=501)
+        return "chunked", None
+    if cl:
+        value = cl[0].strip()
+        if not value.isdigit() or len(value) > 18:
+            raise CodecError("malformed Content-Length")
+        n = int(value)
+        return ("length" if n else "none"), n
+    return ("none" if request else "close"), None
+
+
+class RequestParser(_Parser):
+    """Parse pipelined requests from a downstream connection; :attr:`events` fills as bytes arrive."""
+
+    def __init__(
+        self,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+    ) -> None:
+        super().__init__(max_header_bytes, max_header_count)
+        self._parser = httptools.HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> None:
+        self._feed(self._parser, data)
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        self._head = None
+        version = self._parser.get_http_version()
+        method = self._parser.get_method().decode("ascii")
+        if method == "CONNECT" or any(k == "upgrade" for k, _ in head.headers):
+            # No tunnel mode yet; Envoy also refuses upgrades it was not configured for.
+            raise CodecError("protocol upgrade and CONNECT are not supported", status=501)
+        hosts = [v for k, v in head.headers if k == "host"]
+        if (version == "1.1" and len(hosts) != 1) or len(hosts) > 1:
+            raise CodecError("a request needs exactly one Host header (RFC 9112 §3.2)")
+        if hosts and not valid_header_value(hosts[0]):
+            raise CodecError("malformed Host")
+        body, length = _framing(head.headers, version, request=True)
+        expect = [v.strip().lower() for k, v in head.headers if k == "expect"]
+        if expect and expect != ["100-continue"]:
+            raise CodecError("unsupported expectation", status=417)
+        self.events.append(
+            Event(
+                "head",
+                head=RequestHead(
+                    method=method,
+                    target=head.url.decode("latin-1"),
+                    version=version,
+                    headers=head.headers,
+                    keep_alive=bool(self._parser.should_keep_alive()),
+                    body=body,
+                    content_length=length,
+                    expect_continue=bool(expect),
+                ),
+            )
+        )
+
+
+class ResponseParser(_Parser):
+    """Parse responses from an upstream connection. 1xx responses arrive as complete messages of their own."""
+
+    def __init__(
+        self,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+    ) -> None:
+        super().__init__(max_header_bytes, max_header_count)
+        self._parser = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes) -> None:
+        self._feed(self._parser, data)
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        self._head = None
+        status = int(self._parser.get_status_code())
+        version = self._parser.get_http_version()
+        if 100 <= status < 200 or status in (204, 304):
+            body: Body = "none"
+            length = None
+        else:
+            body, length = _framing(head.headers, version, request=False)
+        self.events.append(
+            Event(
+                "head",
+                head=ResponseHead(
+                    status=status,
+                    reason=head.status.decode("latin-1"),
+                    version=version,
+                    headers=head.headers,
+                    keep_alive=bool(self._parser.should_keep_alive()),
+                    body=body,
+                    content_length=length,
+                ),
+            )
+        )
+
+
+def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop fields and every field named in ``Connection`` (RFC 9110 §7.6.1).
+
+    Framing fields (``content-length``) are dropped too: the writer re-frames (RFC 9112 §6.3).
+    """
+    named = {
+        token.strip().lower()
+        for k, v in headers
+        if k in ("connection", "proxy-connection")
+        for token in v.split(",")
+    }
+    drop = HOP_BY_HOP | named | {"content-length"}
+    return [(k, v) for k, v in headers if k not in drop]
+
+
+def _head_lines(first: str, headers: list[tuple[str, str]]) -> bytes:
+    parts = [first]
+    for k, v in headers:
+        parts.append(f"{k}: {v}")
+    parts.append("\r\n")
+    return "\r\n".join(parts).encode("latin-1")
+
+
+def serialize_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """The request line and headers; the caller has already put ``host`` and the framing fields in."""
+    return _head_lines(f"{method} {target} HTTP/1.1", headers)
+
+
+def serialize_response_head(
+    status: int, reason: str, headers: list[tuple[str, str]], version: str = "1.1"
+) -> bytes:
+    return _head_lines(f"HTTP/{version} {status} {reason or 'Unknown'}", headers)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of the chunked transfer coding (RFC 9112 §7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)

@@ -1,0 +1,419 @@
+"""Downstream listeners: accept, (m)TLS per PeerAuthentication mode, parse requests strictly, write responses.
+
+One coroutine per connection; one request in flight per connection (pipelined requests wait in the parser's
+event queue, spec §3.2). Bodies stream in both directions with back-pressure: the request body is read from
+the socket only when the upstream side asks for the next chunk, and every downstream write awaits ``drain()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from authz.proxy.http1 import (
+    LAST_CHUNK,
+    CodecError,
+    Event,
+    RequestHead,
+    RequestParser,
+    encode_chunk,
+    serialize_response_head,
+    strip_hop_by_hop,
+)
+from authz.proxy.message import ProxyRequest, ProxyResponse, RequestBody, StreamInfo, local_response
+from authz.proxy.mtls import PeerIdentity, peer_identity
+from authz.proxy.pool import UpstreamError
+
+__all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "ConnectionInfo",
+    "DownstreamClosed",
+    "Handler",
+    "Listener",
+]
+
+log = logging.getLogger("authz.proxy")
+
+READ_SIZE = 64 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+DEFAULT_IDLE_TIMEOUT = 300.0  # keep-alive idle time between requests before we close
+DEFAULT_HEADER_TIMEOUT = 60.0  # time to receive a request head or the next body chunk (slowloris bound)
+TLS_DETECT_TIMEOUT = 10.0  # PERMISSIVE: time to wait for the first byte that tells TLS from plaintext
+HANDSHAKE_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 5.0
+
+
+class DownstreamClosed(Exception):
+    """The client went away or sent a malformed body: the request is abandoned (response flag DC).
+
+    ``error`` is set when the body was malformed; the client then gets its 400 before we close.
+    """
+
+    def __init__(self, message: str, error: CodecError | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    peer_address: str
+    peer_port: int
+    local_address: str
+    local_port: int
+    tls: bool = False
+    peer: PeerIdentity = field(default_factory=PeerIdentity)
+
+
+Handler = Callable[[ProxyRequest, ConnectionInfo, StreamInfo], Awaitable[ProxyResponse]]
+Done = Callable[[ProxyRequest, ConnectionInfo, StreamInfo], None]
+
+
+async def _wait_readable(sock: socket.socket, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: None if fut.done() else fut.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+class Listener:
+    """An HTTP/1.1 listener. ``tls_mode()`` is read per connection: DISABLE, PERMISSIVE or STRICT."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_mode: Callable[[], str] = lambda: "DISABLE",
+        ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None,
+        on_done: Done | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        name: str = "listener",
+    ) -> None:
+        self.handler = handler
+        self.host = host
+        self.requested_port = port
+        self.tls_mode = tls_mode
+        self.ssl_context = ssl_context
+        self.on_done = on_done
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.name = name
+        self.closing = False
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.requested_port))
+        sock.listen(512)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accept_task = asyncio.create_task(self._accept_loop(), name=f"{self.name}-accept")
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while not self.closing:
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if self.closing:
+                    return
+                log.warning("%s: accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.05)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._serve_socket(conn, addr))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve_socket(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        mode = self.tls_mode()
+        use_tls = mode == "STRICT"
+        try:
+            if mode == "PERMISSIVE":
+                # Detect a TLS ClientHello (record type 0x16) without consuming it (Istio's tls_inspector).
+                await _wait_readable(sock, TLS_DETECT_TIMEOUT)
+                first = sock.recv(1, socket.MSG_PEEK)
+                if not first:
+                    sock.close()
+                    return
+                use_tls = first == b"\x16"
+            ctx = self.ssl_context() if use_tls else None
+            if use_tls and ctx is None:
+                sock.close()
+                return
+            reader = asyncio.StreamReader(limit=READ_SIZE)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.debug("%s: connection setup failed: %s", self.name, exc)
+            sock.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        local = sock.getsockname()
+        info = ConnectionInfo(
+            peer_address=str(addr[0]),
+            peer_port=int(addr[1]),
+            local_address=str(local[0]),
+            local_port=int(local[1]),
+            tls=ctx is not None,
+            peer=peer_identity(transport.get_extra_info("ssl_object")) if ctx is not None else PeerIdentity(),
+        )
+        conn = _DownstreamConnection(self, reader, writer, info)
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("%s: connection failed", self.name)
+        finally:
+            transport.abort() if conn.abort else writer.close()
+
+    async def close(self, grace: float = DRAIN_TIMEOUT) -> None:
+        """Stop accepting; let requests in flight finish for up to ``grace`` seconds, then cut the rest."""
+        self.closing = True
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+
+class _DownstreamConnection:
+    def __init__(
+        self,
+        listener: Listener,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        info: ConnectionInfo,
+    ) -> None:
+        self.listener = listener
+        self.reader = reader
+        self.writer = writer
+        self.info = info
+        self.parser = RequestParser()
+        self.abort = False
+        self._body_done = True
+        self._continue_pending = False
+        self._stream: StreamInfo | None = None
+        self._idle = True
+
+    async def _next_event(self, timeout: float) -> Event | None:
+        parser = self.parser
+        while not parser.events:
+            if parser.failed:
+                return None
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self.reader.read(READ_SIZE)
+            except (ConnectionError, OSError, ssl.SSLError):
+                return None
+            if not data:
+                return None
+            parser.feed(data)
+        return parser.events.popleft()
+
+    async def run(self) -> None:
+        while not self.listener.closing or not self._idle:
+            timeout = self.listener.idle_timeout
+            try:
+                ev = await self._next_event(timeout)
+            except TimeoutError:
+                return
+            if ev is None:
+                return
+            if ev.kind == "error":
+                assert ev.error is not None
+                await self._write_error(ev.error)
+                return
+            if ev.kind != "head":
+                return
+            assert isinstance(ev.head, RequestHead)
+            self._idle = False
+            keep = await self._serve(ev.head)
+            self._idle = True
+            if not keep:
+                return
+
+    async def _write_error(self, error: CodecError) -> None:
+        resp = local_response(error.status, f"{error.message}\n")
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._write_head(
+                resp.status, resp.reason, [*resp.headers, ("content-length", str(resp.length))], close=True
+            )
+            self.writer.write(error.message.encode() + b"\n")
+            await self.writer.drain()
+
+    async def _read_body(self) -> bytes | None:
+        if self._body_done:
+            return None
+        if self._continue_pending:  # RFC 9110 §10.1.1: answer the expectation ourselves, as Envoy does
+            self._continue_pending = False
+            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            ev = await self._next_event(self.listener.header_timeout)
+        except TimeoutError as exc:
+            raise DownstreamClosed("request body timed out") from exc
+        if ev is None or ev.kind in ("error", "head"):
+            self.abort = ev is None
+            raise DownstreamClosed(
+                "client closed or sent a malformed body", ev.error if ev is not None else None
+            )
+        if ev.kind == "end":
+            self._body_done = True
+            return None
+        if self._stream is not None:
+            self._stream.bytes_received += len(ev.data)
+        return ev.data
+
+    def _request(self, head: RequestHead) -> ProxyRequest:
+        authority = head.get("host") or ""
+        target = head.target
+        if target.startswith(("http://", "https://")):  # absolute-form: its authority wins (RFC 9112 §3.2.2)
+            parts = urlsplit(target)
+            authority = parts.netloc
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = [(k, v) for k, v in strip_hop_by_hop(head.headers) if k not in ("host", "expect")]
+        body = RequestBody(
+            head.content_length if head.body == "length" else (0 if head.body == "none" else None),
+            self._read_body if head.body != "none" else None,
+        )
+        return ProxyRequest(
+            head.method,
+            target,
+            authority,
+            headers,
+            body,
+            scheme="https" if self.info.tls else "http",
+            version=head.version,
+        )
+
+    async def _serve(self, head: RequestHead) -> bool:
+        if head.body == "none":
+            ev = self.parser.events.popleft() if self.parser.events else None
+            assert ev is None or ev.kind == "end"
+            self._body_done = True
+        else:
+            self._body_done = False
+            self._continue_pending = head.expect_continue and head.version == "1.1"
+        request = self._request(head)
+        stream = StreamInfo(start=time.monotonic())
+        self._stream = stream
+        try:
+            response = await self.listener.handler(request, self.info, stream)
+        except DownstreamClosed as exc:
+            stream.flags.add("DC")
+            if exc.error is not None:
+                stream.status = exc.error.status
+                await self._write_error(exc.error)
+            self._done(request, stream)
+            return False
+        except Exception:
+            log.exception("%s: handler failed", self.listener.name)
+            response = local_response(500, "internal error")
+        keep = head.keep_alive and not self.listener.closing
+        try:
+            keep = await self._write_response(head, response, stream, keep)
+        except (ConnectionError, OSError, DownstreamClosed):
+            stream.flags.add("DC")
+            response.body.abort()
+            keep = False
+        except UpstreamError:
+            stream.flags.add("UPE")
+            self.abort = True  # truncated upstream body: reset the client rather than end it cleanly
+            keep = False
+        self._done(request, stream)
+        if not self._body_done:
+            keep = False  # the rest of an unread body is still on the wire: close (RFC 9112 §9.3)
+        return keep
+
+    def _done(self, request: ProxyRequest, stream: StreamInfo) -> None:
+        if self.listener.on_done is not None:
+            try:
+                self.listener.on_done(request, self.info, stream)
+            except Exception:
+                log.exception("access log / metrics failed")
+
+    async def _write_head(
+        self, status: int, reason: str, headers: list[tuple[str, str]], *, close: bool
+    ) -> None:
+        if close:
+            headers = [*headers, ("connection", "close")]
+        self.writer.write(serialize_response_head(status, reason, headers))
+
+    async def _write_response(
+        self, head: RequestHead, resp: ProxyResponse, stream: StreamInfo, keep: bool
+    ) -> bool:
+        stream.status = resp.status
+        status = resp.status
+        headers = [
+            (k, v) for k, v in resp.headers if k not in ("content-length", "transfer-encoding", "connection")
+        ]
+        no_body = resp.no_body or head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        chunked = False
+        if no_body:
+            if resp.length is not None and status not in (204,) and not 100 <= status < 200:
+                headers.append(("content-length", str(resp.length)))
+        elif resp.length is not None:
+            headers.append(("content-length", str(resp.length)))
+        elif head.version == "1.1":
+            headers.append(("transfer-encoding", "chunked"))
+            chunked = True
+        else:
+            keep = False  # HTTP/1.0 client, unknown length: the end of the body is the end of the connection
+        await self._write_head(status, resp.reason, headers, close=not keep)
+        if no_body:
+            for _ in range(
+                4
+            ):  # let the upstream connection see its end-of-message (bounded, no data expected)
+                if await resp.body.read() is None:
+                    break
+            else:
+                resp.body.abort()
+        else:
+            sent = 0
+            while (chunk := await resp.body.read()) is not None:
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                if resp.length is not None and sent > resp.length:
+                    raise UpstreamError("reset", "upstream body longer than its Content-Length")
+                self.writer.write(encode_chunk(chunk) if chunked else chunk)
+                await self.writer.drain()
+            stream.bytes_sent += sent
+            if chunked:
+                self.writer.write(LAST_CHUNK)
+        await self.writer.drain()
+        return keep

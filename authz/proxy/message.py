@@ -1,0 +1,173 @@
+"""Requests and responses as they flow ``router -> cluster -> pool -> connection``, with streaming bodies.
+
+A body is read with ``await body.read()`` (``None`` at the end). Request bodies up to the replay limit are
+buffered so retries and mirrors can send them again; larger ones stream once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "BytesBody",
+    "ProxyRequest",
+    "ProxyResponse",
+    "RequestBody",
+    "ResponseBody",
+    "StreamInfo",
+    "local_response",
+]
+
+
+class ResponseBody(Protocol):
+    async def read(self) -> bytes | None: ...
+
+    def abort(self) -> None: ...
+
+
+class BytesBody:
+    """A body already in memory (local replies, replayed request bodies)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._data: bytes | None = data if data else None
+
+    async def read(self) -> bytes | None:
+        data, self._data = self._data, None
+        return data
+
+    def abort(self) -> None:
+        self._data = None
+
+
+class RequestBody:
+    """The downstream request body. ``length``: exact size, or None for a chunked body of unknown size.
+
+    ``read_source`` pulls the next decoded chunk from the downstream connection (None at the end).
+    """
+
+    def __init__(self, length: int | None, read_source: Callable[[], Awaitable[bytes | None]] | None) -> None:
+        self.length = length
+        self._source = read_source
+        self._prefix: list[bytes] = []
+        self.buffered: bytes | None = b"" if read_source is None else None
+        self.consumed = False
+
+    @property
+    def empty(self) -> bool:
+        return self.length == 0 or self._source is None
+
+    async def buffer(self, limit: int) -> bool:
+        """Read up to ``limit`` bytes ahead; True (and :attr:`buffered` set) if the whole body fit."""
+        if self.buffered is not None:
+            return True
+        assert self._source is not None
+        if self.length is not None and self.length > limit:
+            return False
+        size = 0
+        while size <= limit:
+            chunk = await self._source()
+            if chunk is None:
+                self.buffered = b"".join(self._prefix)
+                self._prefix = []
+                return True
+            self._prefix.append(chunk)
+            size += len(chunk)
+        return False
+
+    def replay(self) -> BytesBody:
+        assert self.buffered is not None
+        return BytesBody(self.buffered)
+
+    async def read(self) -> bytes | None:
+        """Stream once: the buffered prefix first, then the rest from the connection."""
+        if self.buffered is not None:
+            raise RuntimeError("a buffered body is sent with replay()")
+        self.consumed = True
+        if self._prefix:
+            return self._prefix.pop(0)
+        if self._source is None:
+            return None
+        return await self._source()
+
+    def abort(self) -> None:
+        self._prefix = []
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """A request being proxied. ``headers`` are end-to-end only (no Host, framing or hop-by-hop fields)."""
+
+    method: str
+    target: str
+    authority: str
+    headers: list[tuple[str, str]]
+    body: RequestBody
+    scheme: str = "http"
+    version: str = "1.1"
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k == name]
+        return ",".join(values) if values else None
+
+
+@dataclass(slots=True)
+class ProxyResponse:
+    """A response to send downstream. ``length`` None = unknown (chunked); ``no_body`` for HEAD/204/304."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: ResponseBody
+    length: int | None = None
+    no_body: bool = False
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """What the access log and metrics need about one request (Envoy's stream info)."""
+
+    start: float
+    flags: set[str] = field(default_factory=set)
+    upstream_host: str = ""
+    upstream_cluster: str = ""
+    route_name: str = ""
+    request_id: str = ""
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    status: int = 0
+    attempts: int = 0
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    401: "Unauthorized",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def local_response(
+    status: int,
+    body: bytes | str = b"",
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    content_type: str = "text/plain",
+) -> ProxyResponse:
+    """A reply the proxy makes itself (404 NR, 503 UF, 504 UT, a deny, a fault abort)."""
+    data = body.encode() if isinstance(body, str) else body
+    hdrs = list(headers or [])
+    if data and not any(k == "content-type" for k, _ in hdrs):
+        hdrs.append(("content-type", content_type))
+    return ProxyResponse(status, _REASONS.get(status, "Unknown"), hdrs, BytesBody(data), length=len(data))

@@ -1,0 +1,493 @@
+"""The sidecar: inbound listener (mTLS + authorization -> local app), outbound listener (routing -> clusters),
+admin listener (``/metrics``, ``/ready``), and atomic configuration reload.
+
+A configuration generation (router + clusters) is compiled once and swapped whole on reload; requests in
+flight finish on the generation they started with, so a reload drops no connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from prometheus_client import generate_latest
+
+from authz.clock import Clock, monotonic_clock
+from authz.errors import AuthzError
+from authz.proxy.authz_client import (
+    AllowAll,
+    Authorizer,
+    apply_allow,
+    build_request,
+    deny_response,
+    error_decision,
+)
+from authz.proxy.cluster import Cluster, ClusterKey, ClusterManager, UnknownService
+from authz.proxy.lb import Endpoint, pick_weighted
+from authz.proxy.listener import ConnectionInfo, Listener
+from authz.proxy.message import (
+    BytesBody,
+    ProxyRequest,
+    ProxyResponse,
+    RequestBody,
+    StreamInfo,
+    local_response,
+)
+from authz.proxy.metrics import ProxyMetrics
+from authz.proxy.mirror import HashingBody, Mirrorer, ResponseSummary, shadow_authority, summarize
+from authz.proxy.model import HTTPRoute, PeerAuthentication, TrafficPolicy
+from authz.proxy.mtls import client_context, server_context
+from authz.proxy.router import Router, rewrite_target
+from authz.proxy.settings import SidecarConfig
+from authz.proxy.telemetry import TRACE_HEADERS, access_log_line, child_trace_headers, request_id
+from authz.request import Peer, Workload
+from authz.workload import selects
+
+__all__ = ["Sidecar", "peer_authentication_mode"]
+
+log = logging.getLogger("authz.proxy")
+access_log = logging.getLogger("authz.proxy.access")
+
+_GRPC_NAMES = (
+    "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS PERMISSION_DENIED "
+    "RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE UNIMPLEMENTED INTERNAL UNAVAILABLE "
+    "DATA_LOSS UNAUTHENTICATED"
+)
+GRPC_CODES = {
+    name: code for code, name in enumerate(_GRPC_NAMES.split())
+}  # gRPC status codes (grpc/doc/statuscodes.md), for fault abort grpcStatus
+
+
+def peer_authentication_mode(
+    policies: tuple[PeerAuthentication, ...],
+    workload: Workload,
+    *,
+    root_namespace: str,
+    port: int | None = None,
+) -> str:
+    """Effective mTLS mode for ``workload``: workload selector > namespace > mesh (root ns) > PERMISSIVE.
+
+    UNSET inherits from the next scope up (Istio PeerAuthentication docs). ``portLevelMtls`` applies only to
+    a policy with a selector.
+    """
+    workload_level = [
+        p
+        for p in policies
+        if p.selector
+        and selects(p.namespace, p.selector, workload, root_namespace=root_namespace)
+        and p.namespace == workload.namespace
+    ]
+    namespace_level = [p for p in policies if not p.selector and p.namespace == workload.namespace]
+    mesh_level = [p for p in policies if not p.selector and p.namespace == root_namespace]
+    for scope in (workload_level, namespace_level, mesh_level):
+        for p in sorted(scope, key=lambda x: x.name):
+            if port is not None and p.selector and port in p.port_level and p.port_level[port] != "UNSET":
+                return p.port_level[port]
+            if p.mode != "UNSET":
+                return p.mode
+    return "PERMISSIVE"
+
+
+@dataclass(slots=True)
+class _Generation:
+    config: SidecarConfig
+    router: Router
+    clusters: ClusterManager
+    inbound: Cluster | None
+    inbound_mode: str
+
+
+class Sidecar:
+    """Build with a :class:`SidecarConfig` and an :class:`Authorizer`; ``await start()``; ``reload()``."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        authorizer: Authorizer | None = None,
+        rng: random.Random | None = None,
+        clock: Clock = monotonic_clock,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.authorizer: Authorizer = authorizer or AllowAll()
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.metrics = metrics or ProxyMetrics()
+        self._server_ctx: ssl.SSLContext | None = None
+        self._client_ctx: ssl.SSLContext | None = None
+        self._gen = self._compile(config)
+        s = config.settings
+        self.workload = Workload(namespace=s.namespace, labels=dict(s.labels))
+        self.mirrorer = Mirrorer(
+            s.mirror_concurrency,
+            lambda route, result: self.metrics.mirror_requests.labels(route, result).inc(),
+        )
+        self.inbound: Listener | None = None
+        self.outbound: Listener | None = None
+        self.admin: Listener | None = None
+
+    # -- configuration -------------------------------------------------------------------------------------
+    def _load_identity(self, config: SidecarConfig) -> None:
+        ident = config.settings.identity
+        if ident is None:
+            self._server_ctx = self._client_ctx = None
+            return
+        self._server_ctx = server_context(ident)
+        self._client_ctx = client_context(ident)
+
+    def _compile(self, config: SidecarConfig) -> _Generation:
+        self._load_identity(config)
+        s = config.settings
+        clusters = ClusterManager(
+            config.mesh,
+            ssl_context=lambda: self._client_ctx,
+            trust_domain=s.trust_domain,
+            rng=self.rng,
+            clock=self.clock,
+        )
+        inbound = None
+        if s.app_port:
+            inbound = Cluster(
+                f"inbound|{s.app_port}||", [Endpoint(s.app_address, s.app_port)], TrafficPolicy(),
+                ssl_context=lambda: None, rng=self.rng, clock=self.clock,
+            )  # fmt: skip
+        workload = Workload(namespace=s.namespace, labels=dict(s.labels))
+        mode = peer_authentication_mode(
+            config.mesh.peer_authentications, workload, root_namespace=s.root_namespace
+        )
+        if mode in ("STRICT", "PERMISSIVE") and s.identity is None:
+            mode = "DISABLE"  # no SVID: nothing to terminate mTLS with
+        return _Generation(config, Router(config.mesh), clusters, inbound, mode)
+
+    @property
+    def config(self) -> SidecarConfig:
+        return self._gen.config
+
+    def reload(self, config: SidecarConfig) -> None:
+        """Swap in a new generation. Raises (keeping the old one) if it cannot be compiled."""
+        if (
+            config.settings.inbound != self.config.settings.inbound
+            or config.settings.outbound != self.config.settings.outbound
+        ):
+            log.warning("listener addresses changed: restart the proxy to apply them")
+        old = self._gen
+        try:
+            self._gen = self._compile(config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._gen = old
+            self._load_identity(old.config)
+            self.metrics.reloads.labels("error").inc()
+            raise AuthzError(f"cannot apply the new configuration: {exc}", reason="invalid_config") from exc
+        self.metrics.reloads.labels("ok").inc()
+        # Idle connections of the old generation are closed; in-flight ones finish and close on release.
+        old.clusters.close()
+        if old.inbound is not None:
+            old.inbound.close()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.config.settings
+        if s.inbound is not None:
+            self.inbound = Listener(
+                self._handle_inbound,
+                host=s.inbound.address,
+                port=s.inbound.port,
+                tls_mode=lambda: self._gen.inbound_mode,
+                ssl_context=lambda: self._server_ctx,
+                on_done=self._done_inbound,
+                name="inbound",
+            )
+            await self.inbound.start()
+        if s.outbound is not None:
+            self.outbound = Listener(
+                self._handle_outbound,
+                host=s.outbound.address,
+                port=s.outbound.port,
+                on_done=self._done_outbound,
+                name="outbound",
+            )
+            await self.outbound.start()
+        if s.admin is not None:
+            self.admin = Listener(self._handle_admin, host=s.admin.address, port=s.admin.port, name="admin")
+            await self.admin.start()
+
+    async def stop(self) -> None:
+        for listener in (self.outbound, self.inbound, self.admin):
+            if listener is not None:
+                await listener.close()
+        await self.mirrorer.close()
+        self._gen.clusters.close()
+        if self._gen.inbound is not None:
+            self._gen.inbound.close()
+
+    # -- inbound: authorize, then forward to the local app -------------------------------------------------
+    async def _handle_inbound(
+        self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo
+    ) -> ProxyResponse:
+        gen = self._gen
+        s = gen.config.settings
+        rid = request_id(req.header("x-request-id"))
+        info.request_id = rid
+        req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"] + [("x-request-id", rid)]
+        source = Peer(conn.peer_address, conn.peer_port, conn.peer.principal, conn.peer.certificate)
+        destination = Peer(conn.local_address, conn.local_port, s.spiffe_id if conn.tls else "")
+        request = build_request(
+            method=req.method,
+            authority=req.authority,
+            target=req.target,
+            headers=req.headers,
+            scheme=req.scheme,
+            protocol=f"HTTP/{req.version}",
+            source=source,
+            destination=destination,
+            request_id=rid,
+        )
+        try:
+            decision = await self.authorizer.check(request, self.workload)
+        except Exception as exc:  # fail closed unless told otherwise (Envoy failure_mode_allow)
+            log.warning("authorizer failed: %s", exc)
+            self.metrics.authz.labels("error").inc()
+            if not s.authorizer.fail_open:
+                info.flags.add("UAEX")
+                return deny_response(
+                    error_decision("authorization service unavailable", s.authorizer.status_on_error)
+                )
+            decision = None
+        response_headers: list[tuple[str, str]] = []
+        if decision is not None:
+            self.metrics.authz.labels("allow" if decision.allowed else "deny").inc()
+            if not decision.allowed:
+                info.flags.add("UAEX")
+                return deny_response(decision)
+            req.headers, response_headers = apply_allow(decision.headers, req.headers)
+        if gen.inbound is None:
+            info.flags.add("NR")
+            return local_response(404, "no local application configured")
+        info.route_name = "inbound"
+        response = await gen.inbound.forward(req, info, retry=None, replayable=False)
+        response.headers.extend(response_headers)
+        return response
+
+    # -- outbound: route, fault, weighted pick, retries/timeouts, mirror ----------------------------------
+    async def _handle_outbound(
+        self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo
+    ) -> ProxyResponse:
+        gen = self._gen
+        rid = request_id(req.header("x-request-id"))
+        info.request_id = rid
+        joined: dict[str, str] = {}
+        for k, v in req.headers:
+            joined[k] = f"{joined[k]},{v}" if k in joined else v
+        match = gen.router.route(req.authority, req.method, req.target, joined, scheme=req.scheme)
+        if match is None:
+            info.flags.add("NR")
+            return local_response(404, "")
+        route = match.route
+        info.route_name = route.name or match.virtual_service
+        req.headers = [(k, v) for k, v in req.headers if k != "x-request-id" and k not in TRACE_HEADERS]
+        req.headers += [("x-request-id", rid), *child_trace_headers(joined)]
+        fault = route.fault
+        if fault is not None:  # client-side faults come before routing; timeouts/retries then don't apply
+            if fault.delay is not None and self._roll(fault.delay_percent):
+                info.flags.add("DI")
+                await asyncio.sleep(fault.delay)
+            if (fault.abort_status is not None or fault.abort_grpc) and self._roll(fault.abort_percent):
+                info.flags.add("FI")
+                if fault.abort_grpc:
+                    code = str(GRPC_CODES[fault.abort_grpc])
+                    return local_response(
+                        200, b"", [("content-type", "application/grpc"), ("grpc-status", code)]
+                    )
+                assert fault.abort_status is not None
+                return local_response(fault.abort_status, "fault filter abort")
+        dest = pick_weighted(route.destinations, [d.weight for d in route.destinations], self.rng)
+        key = ClusterKey(dest.host, dest.port, dest.subset)
+        try:
+            cluster = gen.clusters.get(key)
+        except UnknownService as exc:
+            info.flags.add("UH")
+            return local_response(503, f"no healthy upstream: {exc}")
+        original = (req.authority, req.target)
+        req.headers = dest.headers.request.apply(route.headers.request.apply(req.headers))
+        if route.rewrite_uri is not None:
+            req.target = rewrite_target(req.target, route.rewrite_uri, match.prefix)
+        if route.rewrite_authority is not None:
+            req.authority = route.rewrite_authority
+        replayable = req.body.empty
+        if not replayable and (route.retries is not None or route.mirrors):
+            replayable = await req.body.buffer(gen.config.settings.replay_buffer_bytes)
+        primary_summary: asyncio.Future[ResponseSummary] | None = None
+        if route.mirrors and replayable:
+            primary_summary = self._mirror(gen, route, req, original, info)
+        hash_key = req.header(cluster.lb.hash_header) if cluster.lb.hash_header else None
+        try:
+            async with asyncio.timeout(route.timeout):
+                response = await cluster.forward(
+                    req,
+                    info,
+                    retry=route.retries if replayable else None,
+                    replayable=replayable,
+                    hash_key=hash_key,
+                )
+        except TimeoutError:
+            info.flags.add("UT")
+            response = local_response(504, "upstream request timeout")
+        response.headers = dest.headers.response.apply(route.headers.response.apply(response.headers))
+        if primary_summary is not None:
+            self._summarize_primary(response, route, primary_summary)
+        return response
+
+    def _roll(self, percent: float) -> bool:
+        return percent > 0 and self.rng.random() * 100 < percent
+
+    def _mirror(
+        self,
+        gen: _Generation,
+        route: HTTPRoute,
+        req: ProxyRequest,
+        original: tuple[str, str],
+        info: StreamInfo,
+    ) -> asyncio.Future[ResponseSummary] | None:
+        primary: asyncio.Future[ResponseSummary] | None = None
+        route_name = info.route_name
+        for m in route.mirrors:
+            if not self._roll(m.percent):
+                continue
+            try:
+                cluster = gen.clusters.get(ClusterKey(m.host, m.port, m.subset))
+            except UnknownService:
+                self.metrics.mirror_requests.labels(route_name, "no_cluster").inc()
+                continue
+            body = RequestBody(
+                req.body.length, BytesBody(req.body.buffered or b"").read if not req.body.empty else None
+            )
+            if not req.body.empty:
+                body.buffered = req.body.buffered
+            copy = ProxyRequest(
+                req.method,
+                req.target,
+                shadow_authority(req.authority),
+                list(req.headers),
+                body,
+                req.scheme,
+                req.version,
+            )
+            compare = None
+            if route.compare_mirror is not None:
+                if primary is None:
+                    primary = asyncio.get_running_loop().create_future()
+                compare = self._comparer(route_name, route.compare_mirror, primary)
+            shadow_info = StreamInfo(start=time.monotonic())
+
+            async def send(
+                cluster: Cluster = cluster, copy: ProxyRequest = copy, si: StreamInfo = shadow_info
+            ) -> ProxyResponse:
+                return await cluster.forward(copy, si, retry=None, replayable=not copy.body.empty)
+
+            self.mirrorer.submit(route_name, send, compare)
+        return primary
+
+    def _comparer(
+        self, route_name: str, names: tuple[str, ...], primary: asyncio.Future[ResponseSummary]
+    ) -> Callable[[ResponseSummary], Awaitable[None]]:
+        async def compare(mirror: ResponseSummary) -> None:
+            try:
+                async with asyncio.timeout(60):
+                    p = await asyncio.shield(primary)
+            except (TimeoutError, asyncio.CancelledError):
+                return
+            m = summarize(mirror.status, list(mirror.headers), names, mirror.body_sha256)
+            for fld, a, b in (
+                ("status", p.status, m.status),
+                ("headers", p.headers, m.headers),
+                ("body", p.body_sha256, m.body_sha256),
+            ):
+                if a != b:
+                    self.metrics.mirror_mismatches.labels(route_name, fld).inc()
+
+        return compare
+
+    def _summarize_primary(
+        self, response: ProxyResponse, route: HTTPRoute, fut: asyncio.Future[ResponseSummary]
+    ) -> None:
+        hashing = HashingBody(response.body)
+        response.body = hashing
+        names = route.compare_mirror or ()
+        status, headers = response.status, list(response.headers)
+
+        def done(d: asyncio.Future[str]) -> None:
+            if fut.done():
+                return
+            if d.cancelled():
+                fut.cancel()
+            else:
+                fut.set_result(summarize(status, headers, names, d.result()))
+
+        hashing.digest.add_done_callback(done)
+
+    # -- telemetry -----------------------------------------------------------------------------------------
+    def _record(self, reporter: str, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo) -> None:
+        duration_ms = (time.monotonic() - info.start) * 1000
+        flags = ",".join(sorted(info.flags)) or "-"
+        labels = {
+            "reporter": reporter,
+            "source_workload_namespace": self.workload.namespace if reporter == "source" else "unknown",
+            "source_principal": conn.peer.principal or "unknown",
+            "destination_service": req.authority or "unknown",
+            "destination_workload_namespace": self.workload.namespace
+            if reporter == "destination"
+            else "unknown",
+            "request_protocol": "http",
+            "response_code": str(info.status or 0),
+            "response_flags": flags,
+            "connection_security_policy": ("mutual_tls" if conn.tls else "none")
+            if reporter == "destination"
+            else "unknown",
+        }
+        self.metrics.record(labels, duration_ms)
+        if self.config.settings.access_log:
+            access_log.info(
+                access_log_line(
+                    {
+                        "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "method": req.method,
+                        "path": req.target,
+                        "protocol": f"HTTP/{req.version}",
+                        "response_code": info.status,
+                        "response_flags": flags,
+                        "bytes_received": info.bytes_received,
+                        "bytes_sent": info.bytes_sent,
+                        "duration": round(duration_ms, 3),
+                        "upstream_host": info.upstream_host or "-",
+                        "upstream_cluster": info.upstream_cluster or "-",
+                        "route_name": info.route_name or "-",
+                        "x_request_id": info.request_id,
+                        "authority": req.authority,
+                        "downstream_remote_address": f"{conn.peer_address}:{conn.peer_port}",
+                        "downstream_peer_principal": conn.peer.principal or "-",
+                        "reporter": reporter,
+                    }
+                )
+            )
+
+    def _done_inbound(self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo) -> None:
+        self._record("destination", req, conn, info)
+
+    def _done_outbound(self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo) -> None:
+        self._record("source", req, conn, info)
+
+    # -- admin ---------------------------------------------------------------------------------------------
+    async def _handle_admin(self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo) -> ProxyResponse:
+        path = req.target.partition("?")[0]
+        if path == "/metrics":
+            return local_response(
+                200, generate_latest(self.metrics.registry), content_type="text/plain; version=0.0.4"
+            )
+        if path in ("/ready", "/healthz/ready"):
+            return local_response(200, "LIVE\n")
+        return local_response(404, "")

@@ -1,0 +1,75 @@
+"""The proxy package's public names are exactly the intended ones."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import authz.proxy
+
+MODULES = [
+    "authz_client",
+    "cli",
+    "cluster",
+    "http1",
+    "lb",
+    "listener",
+    "loader",
+    "message",
+    "metrics",
+    "mirror",
+    "model",
+    "mtls",
+    "outlier",
+    "pool",
+    "retry",
+    "router",
+    "settings",
+    "sidecar",
+    "telemetry",
+]
+
+
+def test_package_exports() -> None:
+    assert sorted(authz.proxy.__all__) == [
+        "AllowAll",
+        "Authorizer",
+        "GrpcAuthorizer",
+        "ProxySettings",
+        "Sidecar",
+        "SidecarConfig",
+        "load_sidecar_config",
+        "parse_resources",
+    ]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_declares_all_and_it_resolves(name: str) -> None:
+    module = importlib.import_module(f"authz.proxy.{name}")
+    assert module.__all__, name
+    for symbol in module.__all__:
+        assert hasattr(module, symbol), f"{name}.{symbol}"
+
+
+def test_proxy_imports_only_shared_values_and_siblings() -> None:
+    """STYLE.md import direction: proxy depends on shared values (and the engine via a protocol), not on
+    the other fronts or the policy/authn internals."""
+    import ast
+    from pathlib import Path
+
+    allowed = (
+        "authz.proxy",
+        "authz.errors",
+        "authz.request",
+        "authz.decision",
+        "authz.clock",
+        "authz.resources",
+        "authz.workload",
+        "authz.engine",
+        "authz.runtime",
+    )
+    for path in Path(authz.proxy.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("authz"):
+                assert node.module.startswith(allowed), f"{path.name} imports {node.module}"
