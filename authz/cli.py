@@ -16,7 +16,7 @@ __all__ = ["build_parser", "main"]
 # ``set_defaults(func=...)``, where ``func(args) -> int`` returns the exit code.
 COMMAND_MODULES: tuple[str, ...] = (
     "authz.server.cli",
-    "authz.policy.cli",
+    "authz.policy_cli",
     "authz.proxy.cli",
     "authz.identity.cli",
     "authz.idp.cli",

@@ -80,6 +80,7 @@ class Decision:
     request_principal: str = ""
     claims: Mapping[str, Any] = field(default_factory=lambda: EMPTY_MAP)
     audit: bool = False
+    audit_policy_id: str = ""
     shadow: ShadowResult | None = None
     decision_id: str = ""
     normalized_path: str = ""

@@ -130,7 +130,7 @@ class Engine:
         changes: dict[str, Any] = {}
         if peer.principal != request.source.principal:
             changes["source"] = replace(request.source, principal=peer.principal)
-        rip = remote_ip(request, self.mesh.num_trusted_proxies)
+        rip = request.remote_ip or remote_ip(request, self.mesh.num_trusted_proxies)
         if rip != request.remote_ip:
             changes["remote_ip"] = rip
         if changes:
@@ -209,6 +209,7 @@ def _policy_decision(result: PolicyResult, authn: AuthnResult, principal: str, p
         request_principal=auth.principal if auth is not None else "",
         claims=_identity_claims(auth),
         audit=result.audit,
+        audit_policy_id=result.audit_policy_id,
         shadow=result.shadow,
         normalized_path=path,
     )

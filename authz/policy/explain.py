@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from authz.decision import Reason
+from authz.decision import Decision, Reason
 from authz.policy.evaluate import PolicyResult
 
 __all__ = ["explain", "explain_lines"]
@@ -24,15 +24,29 @@ _REASON_WORDS = {
 }
 
 
-def explain_lines(result: PolicyResult) -> list[str]:
-    """One line for the decision, one per trace entry, then audit and dry-run notes."""
-    head = _REASON_WORDS.get(result.reason, result.reason).format(id=result.policy_id)
-    lines = [f"{'ALLOW' if result.allowed else 'DENY'}: {head}"]
+def explain_lines(result: PolicyResult | Decision) -> list[str]:
+    """One line for the decision, one per trace entry, then audit and dry-run notes.
+
+    Takes a policy result, or a whole engine :class:`Decision` (which may have been decided before
+    policies, by authentication: then the status, reason code and message say why).
+    """
+    if result.reason in _REASON_WORDS:
+        head = _REASON_WORDS[result.reason].format(id=result.policy_id)
+    elif isinstance(result, Decision) and result.message:
+        head = f"{result.reason}: {result.message}"
+    else:
+        head = result.reason
+    verdict = "ALLOW" if result.allowed else "DENY"
+    if isinstance(result, Decision) and not result.allowed:
+        verdict += f" ({result.status})"
+    lines = [f"{verdict}: {head}"]
     if result.normalized_path:
         lines.append(f"  path matched as {result.normalized_path!r}")
     for entry in result.trace:
         stage = _STAGE_WORDS.get(entry.stage, entry.stage)
-        if entry.stage == "custom":
+        if entry.stage == "authn":
+            lines.append(f"  authentication: {entry.detail}")
+        elif entry.stage == "custom":
             lines.append(f"  {stage} {entry.policy}: {entry.clause}")
         elif entry.matched:
             lines.append(f"  {stage} {entry.policy_id}: matched")
@@ -47,5 +61,5 @@ def explain_lines(result: PolicyResult) -> list[str]:
     return lines
 
 
-def explain(result: PolicyResult) -> str:
+def explain(result: PolicyResult | Decision) -> str:
     return "\n".join(explain_lines(result))

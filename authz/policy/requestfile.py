@@ -12,6 +12,7 @@ Format (every key optional)::
     sni: outbound_.8080_._.orders.svc.cluster.local
     workload: {namespace: orders, labels: {app: orders}}
     claims: {iss: https://idp.example.com, sub: alice, scope: "read write"}   # verified JWT payload
+    token: eyJhbGciOi...       # a raw JWT, sent as `Authorization: Bearer`; `authz check` validates it
     spaceDelimitedClaims: [custom_scope]
     metadata: {envoy.filters.http.foo: {key: value}}
 
@@ -32,7 +33,7 @@ __all__ = ["parse_request_file"]
 _KNOWN = frozenset(
     {
         "method", "host", "path", "headers", "scheme", "protocol", "tcp", "source", "remoteIp",
-        "destination", "sni", "workload", "claims", "spaceDelimitedClaims", "metadata", "principal",
+        "destination", "sni", "workload", "claims", "spaceDelimitedClaims", "metadata", "principal", "token",
         "sourcePrincipal", "sourceIp", "port", "destinationPort", "namespace", "labels",
     }
 )  # fmt: skip
@@ -88,6 +89,9 @@ def parse_request_file(data: Any) -> tuple[Request, Workload, RequestAuth | None
         key = str(name).lower()
         joined = ",".join(str(v) for v in values)
         headers[key] = f"{headers[key]},{joined}" if key in headers else joined
+    token = _str(data, "token")
+    if token and "authorization" not in headers:
+        headers["authorization"] = f"Bearer {token}"
     tcp = data.get("tcp", False)
     if not isinstance(tcp, bool):
         raise ConfigError("must be true or false", field="tcp")

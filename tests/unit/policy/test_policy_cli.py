@@ -10,7 +10,7 @@ import pytest
 
 import authz.policy
 from authz.errors import ConfigError
-from authz.policy import cli
+from authz import policy_cli as cli
 from authz.policy.requestfile import parse_request_file
 
 ROOT = Path(__file__).resolve().parents[3]

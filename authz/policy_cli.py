@@ -1,5 +1,10 @@
 """``authz check``, ``authz test`` and ``authz lint``: the policy engine from the command line.
 
+``check`` runs the whole engine, as ``authz serve`` would decide the request: a token in the request
+(``token:`` or an ``authorization`` header) is validated against the RequestAuthentications of the folder
+(fetching the issuer's keys); ``claims:`` instead are taken as an already verified token and only the
+AuthorizationPolicies are evaluated. ``lint`` validates every kind the authorizer loads.
+
 Exit codes: ``check`` 0 allow / 1 deny / 2 bad input; ``test`` 0 all passed / 1 a case failed / 2 bad
 input; ``lint`` 0 clean or warnings only / 1 errors.
 """
@@ -7,6 +12,7 @@ input; ``lint`` 0 clean or warnings only / 1 errors.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -14,15 +20,18 @@ from typing import Any, TextIO
 
 import yaml
 
+from authz.authn import Authenticator
+from authz.clock import system_clock
 from authz.config import MeshConfig, load_mesh_config
+from authz.decision import Decision
+from authz.engine import Engine
 from authz.errors import ConfigError, ConfigErrors
-from authz.policy.compile import CompiledPolicies, compile_policies
 from authz.policy.evaluate import PolicyResult
 from authz.policy.explain import explain
-from authz.policy.model import load_authorization_policies
 from authz.policy.requestfile import parse_request_file
 from authz.policy.testing import decide, load_policy_tests, run_policy_tests
-from authz.resources import load_resources
+from authz.resources import Resource, load_resources
+from authz.snapshot import Snapshot, build_snapshot
 
 __all__ = ["parse_request_file", "register", "result_as_dict"]
 
@@ -32,7 +41,7 @@ EXIT_USAGE = 2
 
 
 def register(subparsers: Any) -> None:
-    check = subparsers.add_parser("check", help="decide one request against AuthorizationPolicy files")
+    check = subparsers.add_parser("check", help="decide one request as the authorizer would, and explain why")
     check.add_argument("--policies", type=Path, action="append", required=True, help="file or folder")
     check.add_argument(
         "--request", required=True, help="request description (YAML/JSON file, or - for stdin)"
@@ -47,14 +56,23 @@ def register(subparsers: Any) -> None:
     test.add_argument("-v", "--verbose", action="store_true", help="explain passing cases too")
     test.set_defaults(func=run_test)
 
-    lint = subparsers.add_parser("lint", help="validate AuthorizationPolicy files and report warnings")
+    lint = subparsers.add_parser("lint", help="validate policy files (every kind) and report warnings")
     lint.add_argument("dir", type=Path, nargs="+")
     lint.add_argument("--mesh", type=Path)
     lint.set_defaults(func=run_lint)
 
 
-def result_as_dict(result: PolicyResult) -> dict[str, Any]:
+def result_as_dict(result: PolicyResult | Decision) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if isinstance(result, Decision):
+        extra = {
+            "status": result.status,
+            "message": result.message,
+            "requestPrincipal": result.request_principal,
+            "principal": result.principal,
+        }
     return {
+        **extra,
         "allowed": result.allowed,
         "reason": result.reason,
         "policyId": result.policy_id,
@@ -83,20 +101,33 @@ def _print_errors(exc: ConfigError | ConfigErrors, out: TextIO) -> None:
         print(f"error: {e}", file=out)
 
 
-def _load(roots: list[Path], mesh_file: Path | None) -> tuple[CompiledPolicies, list[Any], MeshConfig]:
-    mesh = load_mesh_config(mesh_file)
+def _snapshot(roots: list[Path], mesh: MeshConfig) -> tuple[Snapshot, list[Resource]]:
     resources = load_resources(roots)
-    policies, _warnings = load_authorization_policies(resources)
-    return compile_policies(policies, mesh), resources, mesh
+    return build_snapshot(resources, mesh, generation=1, loaded_at=system_clock()), resources
+
+
+async def _decide_with_engine(snapshot: Snapshot, mesh: MeshConfig, data: Any) -> Decision:
+    request, workload, _ = parse_request_file(data)
+    authenticator = Authenticator(settings=snapshot.authn_settings, clock=system_clock)
+    try:
+        engine = Engine(snapshot, mesh=mesh, authenticator=authenticator)
+        return await engine.check(request, workload)
+    finally:
+        await authenticator.close()
 
 
 def run_check(args: argparse.Namespace) -> int:
+    result: PolicyResult | Decision
     try:
-        compiled, _, _ = _load(args.policies, args.mesh)
+        mesh = load_mesh_config(args.mesh)
+        snapshot, _ = _snapshot(args.policies, mesh)
         text = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
         data = yaml.safe_load(text)
         parse_request_file(data)  # report request errors before deciding
-        result = decide(compiled, data)
+        if isinstance(data, dict) and data.get("claims") is not None:
+            result = decide(snapshot.policies, data)  # claims given: the token counts as verified
+        else:
+            result = asyncio.run(_decide_with_engine(snapshot, mesh, data))
     except (ConfigError, ConfigErrors) as exc:
         _print_errors(exc, sys.stderr)
         return EXIT_USAGE
@@ -112,7 +143,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     try:
-        compiled, resources, _ = _load(args.dir, args.mesh)
+        snapshot, resources = _snapshot(args.dir, load_mesh_config(args.mesh))
+        compiled = snapshot.policies
         cases = load_policy_tests(resources)
     except (ConfigError, ConfigErrors) as exc:
         _print_errors(exc, sys.stderr)
@@ -127,14 +159,15 @@ def run_test(args: argparse.Namespace) -> int:
 
 def run_lint(args: argparse.Namespace) -> int:
     try:
-        load_mesh_config(args.mesh)
-        resources = load_resources(args.dir)
-        policies, warnings = load_authorization_policies(resources)
+        mesh = load_mesh_config(args.mesh)
+        snapshot, resources = _snapshot(args.dir, mesh)
         load_policy_tests(resources)
     except (ConfigError, ConfigErrors) as exc:
         _print_errors(exc, sys.stdout)
         return 1
-    for w in warnings:
+    for w in snapshot.warnings:
         print(w)
-    print(f"{len(policies)} AuthorizationPolicy, 0 errors, {len(warnings)} warnings")
+    counts = snapshot.describe()["counts"]
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "no policies"
+    print(f"{kinds}, 0 errors, {len(snapshot.warnings)} warnings")
     return 0
