@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import authz.policy
-from authz.errors import ConfigError
 from authz import policy_cli as cli
+from authz.errors import ConfigError
 from authz.policy.requestfile import parse_request_file
 
 ROOT = Path(__file__).resolve().parents[3]
