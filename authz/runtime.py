@@ -25,6 +25,11 @@ from authz.snapshot import Snapshot
 
 __all__ = ["AuthzRuntime", "build_authorizer"]
 
+# /readyz waits at most this long after start for every issuer's first key fetch (discovery + JWKS) to
+# settle, one way or the other; an IdP that is down is then reported "failing", and we are ready anyway
+# (tokens of that issuer are denied with a reason until it recovers).
+ISSUER_SETTLE_GRACE = 10.0
+
 
 class AuthzRuntime:
     """Load once (raises ``ConfigErrors`` on a broken folder), then ``start()`` / ``stop()``."""
@@ -57,6 +62,8 @@ class AuthzRuntime:
         self.decision_log = decision_log
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._clock = clock
+        self._started_at: float | None = None
 
     async def check(self, request: Request, workload: Workload | None = None) -> Decision:
         return await self.engine.check(request, workload)
@@ -70,8 +77,20 @@ class AuthzRuntime:
     async def start(self, *, watch: bool = True) -> None:
         self.authenticator.prepare(self.engine.snapshot.all_jwt_rules())
         await self.authenticator.start()
+        self._started_at = self._clock()
         if watch:
             self._tasks.append(asyncio.create_task(self.reloader.watch(self._stop)))
+
+    def issuers_settled(self) -> bool:
+        """Every issuer's keys were fetched or marked failing (or the start-up grace is over)."""
+        if self._started_at is None:
+            return False
+        if self._clock() - self._started_at > ISSUER_SETTLE_GRACE:
+            return True
+        sources = self.authenticator.describe().get("key_sources", [])
+        if not isinstance(sources, list):
+            return True
+        return all(s.get("state") != "empty" for s in sources if isinstance(s, dict))
 
     def reload_soon(self) -> None:
         """Schedule a reload (the SIGHUP handler)."""

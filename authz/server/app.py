@@ -145,7 +145,9 @@ class Server:
 
     async def _start_admin(self, addr: str) -> None:
         host, port = parse_addr(addr)
-        app = build_admin_app(ready=lambda: self.ready, config_dump=self.config_dump)
+        app = build_admin_app(
+            ready=lambda: self.ready and self.runtime.issuers_settled(), config_dump=self.config_dump
+        )
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         admin = _AdminServer(config)
         task = asyncio.create_task(admin.serve())
