@@ -95,17 +95,19 @@ class Engine:
             workload = resolve_workload(
                 request.context_extensions, request.destination.principal, self.default_workload
             )
+        decision_id = self._next_id()
         try:
-            decision = await self._decide(snapshot, request, workload)
+            decision = await self._decide(snapshot, request, workload, decision_id)
         except MalformedRequest as exc:
-            decision = self.malformed(exc)
+            decision = self.malformed(exc, decision_id)
         except AuthzError as exc:
-            decision = self._error_decision(exc.reason, str(exc))
+            decision = self._error_decision(exc.reason, str(exc), decision_id)
         except Exception as exc:  # fail closed on bugs: count, log, deny
             log.exception("internal error deciding a check")
             INTERNAL_ERRORS.labels(front="engine").inc()
-            decision = self._error_decision(Reason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-        decision = replace(decision, decision_id=self._next_id())
+            decision = self._error_decision(
+                Reason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", decision_id
+            )
         elapsed = time.perf_counter() - started
         CHECKS.labels(decision="allow" if decision.allowed else "deny", reason=decision.reason).inc()
         CHECK_LATENCY.observe(elapsed)
@@ -115,24 +117,40 @@ class Engine:
             )
         return decision
 
-    def malformed(self, exc: MalformedRequest) -> Decision:
-        return Decision(allowed=False, status=400, reason=exc.reason, message=exc.message)
+    def malformed(self, exc: MalformedRequest, decision_id: str = "") -> Decision:
+        """The deny for a request the front could not even translate (400)."""
+        return Decision(
+            allowed=False,
+            status=400,
+            reason=exc.reason,
+            message=exc.message,
+            decision_id=decision_id or self._next_id(),
+        )
 
-    def _error_decision(self, reason: str, message: str) -> Decision:
+    def _error_decision(self, reason: str, message: str, decision_id: str) -> Decision:
         if self.fail_open:
-            return Decision(allowed=True, status=200, reason=reason, message=f"fail open: {message}")
-        return Decision(allowed=False, status=403, reason=reason, message=message)
+            return Decision(
+                allowed=True,
+                status=200,
+                reason=reason,
+                message=f"fail open: {message}",
+                decision_id=decision_id,
+            )
+        return Decision(allowed=False, status=403, reason=reason, message=message, decision_id=decision_id)
 
-    async def _decide(self, snapshot: Snapshot, request: Request, workload: Workload) -> Decision:
+    async def _decide(
+        self, snapshot: Snapshot, request: Request, workload: Workload, decision_id: str
+    ) -> Decision:
         now = self._clock()
         # 1. Peer identity: only verified sources become source.principal (authz.identity.peer).
         peer = resolve_peer_identity(request, trust=self.peer_trust, now=now)
         changes: dict[str, Any] = {}
         if peer.principal != request.source.principal:
             changes["source"] = replace(request.source, principal=peer.principal)
-        rip = request.remote_ip or remote_ip(request, self.mesh.num_trusted_proxies)
-        if rip != request.remote_ip:
-            changes["remote_ip"] = rip
+        if self.mesh.num_trusted_proxies > 0 and not request.remote_ip:
+            # remote.ip from X-Forwarded-For; with no trusted proxies it is the peer address, which the
+            # matchers already fall back to, so the request need not be copied for it.
+            changes["remote_ip"] = remote_ip(request, self.mesh.num_trusted_proxies)
         if changes:
             request = replace(request, **changes)
         # 2. Path: normalized once, as the mesh's HCM would (idempotent when Envoy already did it).
@@ -144,16 +162,16 @@ class Engine:
         rules = snapshot.jwt_rules_for(workload)
         authn: AuthnResult = await self.authenticator.authenticate(request, rules)
         if authn.error is not None:
-            return _credential_decision(authn.error, peer.principal, path)
+            return _credential_decision(authn.error, peer.principal, path, decision_id)
         auth = authn.auth
         if auth is not None:
             try:
                 _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
             except CredentialError as exc:
-                return _credential_decision(exc, peer.principal, path)
+                return _credential_decision(exc, peer.principal, path, decision_id)
         # 4. Policies: AUDIT -> DENY -> ALLOW (authz.policy).
         result: PolicyResult = evaluate(snapshot.policies, request, workload, auth, path=path)
-        return _policy_decision(result, authn, peer.principal, path)
+        return _policy_decision(result, authn, peer.principal, path, decision_id)
 
 
 def _check_bindings(authn: AuthnResult, principal: str, thumbprint: str) -> None:
@@ -176,8 +194,9 @@ def _identity_claims(auth: RequestAuth | None) -> Mapping[str, Any]:
     return {k: auth.claims[k] for k in IDENTITY_CLAIMS if k in auth.claims}
 
 
-def _credential_decision(error: CredentialError, principal: str, path: str) -> Decision:
+def _credential_decision(error: CredentialError, principal: str, path: str, decision_id: str) -> Decision:
     return Decision(
+        decision_id=decision_id,
         allowed=False,
         status=error.status,
         reason=error.reason,
@@ -189,7 +208,9 @@ def _credential_decision(error: CredentialError, principal: str, path: str) -> D
     )
 
 
-def _policy_decision(result: PolicyResult, authn: AuthnResult, principal: str, path: str) -> Decision:
+def _policy_decision(
+    result: PolicyResult, authn: AuthnResult, principal: str, path: str, decision_id: str
+) -> Decision:
     auth = authn.auth
     if result.allowed:
         headers = authn.headers
@@ -198,6 +219,7 @@ def _policy_decision(result: PolicyResult, authn: AuthnResult, principal: str, p
         headers = HeaderOps()
         status = 403
     return Decision(
+        decision_id=decision_id,
         allowed=result.allowed,
         status=status,
         reason=result.reason,
