@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/authz run
 
+## demo: walk through the story against the mesh `make run` started (in another terminal)
+demo: $(STAMP)
+	$(BIN)/authz demo
+
 ## test: lint, type-check and run every test
 test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "authz.proxy.cli",
     "authz.identity.cli",
     "authz.idp.cli",
+    "authz.envoy.config_cli",
+    "authz.launcher.cli",
 )
 
 

@@ -70,7 +70,9 @@ class Engine:
         self.mesh = mesh
         self.authenticator = authenticator
         self.default_workload = default_workload or Workload()
-        self.peer_trust = peer_trust or PeerTrust(trust_domain=mesh.trust_domain)
+        self.peer_trust = peer_trust or PeerTrust(
+            trust_domain=mesh.trust_domain, trust_domain_aliases=mesh.trust_domain_aliases
+        )
         self._clock = clock
         self.decision_log = decision_log
         self.fail_open = fail_open

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from authz.config import MeshConfig
 from authz.decision import Decision
 from authz.decision_log import DecisionLog
+from authz.identity import PeerTrust
 from authz.request import Request, Workload
 from authz.runtime import AuthzRuntime
 from authz.server.admin import build_admin_app
@@ -62,6 +63,7 @@ class ServeOptions:
     default_workload: Workload = field(default_factory=Workload)
     http_settings: HttpCheckSettings = field(default_factory=HttpCheckSettings)
     decision_log: DecisionLog | None = None
+    peer_trust: PeerTrust | None = None
     fail_open: bool = False
     watch: bool = True
     reuse_port: bool = False
@@ -77,6 +79,7 @@ class Server:
             options.mesh,
             default_workload=options.default_workload,
             decision_log=options.decision_log,
+            peer_trust=options.peer_trust,
             fail_open=options.fail_open,
         )
         self.engine = self.runtime.engine

@@ -15,6 +15,7 @@ from typing import IO, Any
 from authz.config import load_mesh_config
 from authz.decision_log import DecisionLog
 from authz.errors import ConfigError, ConfigErrors
+from authz.identity import PeerTrust
 from authz.request import Workload
 from authz.server.app import DEFAULT_ADMIN, DEFAULT_GRPC, DEFAULT_HTTP, ServeOptions, Server
 from authz.server.http_ext_authz import HttpCheckSettings
@@ -68,6 +69,17 @@ def register(sub: Any) -> None:
         action="store_true",
         help="HTTP mode: ignore x-authz-* headers (peer identity, workload) set by Envoy",
     )
+    p.add_argument(
+        "--trust-xfcc",
+        action="store_true",
+        help="accept the peer identity from x-forwarded-client-cert (only behind a sanitizing proxy)",
+    )
+    p.add_argument(
+        "--trust-bundle",
+        type=Path,
+        metavar="PEM",
+        help="root CA(s) of the local trust domain: peer certificates must chain to them",
+    )
     p.add_argument("--decision-log", metavar="FILE", help="write one JSON line per check ('-' = stdout)")
     p.add_argument(
         "--fail-open", action="store_true", help="allow when the authorizer itself fails (default: deny)"
@@ -100,6 +112,12 @@ def run_serve(args: argparse.Namespace) -> int:
         return _run_workers(args)
     try:
         mesh = load_mesh_config(args.mesh)
+        peer_trust = PeerTrust.from_pem(
+            trust_bundle_pem=args.trust_bundle.read_bytes() if args.trust_bundle else b"",
+            trust_domain=mesh.trust_domain,
+            trust_domain_aliases=mesh.trust_domain_aliases,
+            trust_xfcc=args.trust_xfcc,
+        )
         options = ServeOptions(
             policies=list(args.policies),
             mesh=mesh,
@@ -111,11 +129,15 @@ def run_serve(args: argparse.Namespace) -> int:
                 path_prefix=args.http_path_prefix, trust_envoy_headers=not args.no_trust_envoy_headers
             ),
             decision_log=_decision_log(args.decision_log),
+            peer_trust=peer_trust,
             fail_open=args.fail_open,
             watch=not args.no_watch,
             reuse_port=args.reuse_port,
         )
         server = Server(options)
+    except OSError as exc:
+        print(f"authz serve: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     except (ConfigError, ConfigErrors) as exc:
         print(f"authz serve: refusing to start, the configuration has errors:\n{exc}", file=sys.stderr)
         return 2
@@ -145,11 +167,14 @@ def _run_workers(args: argparse.Namespace) -> int:
         ("--no-trust-envoy-headers", args.no_trust_envoy_headers),
         ("--fail-open", args.fail_open),
         ("--no-watch", args.no_watch),
+        ("--trust-xfcc", args.trust_xfcc),
     ):
         if on:
             base.append(flag)
     if args.decision_log:
         base += ["--decision-log", args.decision_log]
+    if args.trust_bundle:
+        base += ["--trust-bundle", str(args.trust_bundle)]
     procs = [
         subprocess.Popen([*base, "--admin", args.admin if i == 0 else "off"]) for i in range(args.workers)
     ]

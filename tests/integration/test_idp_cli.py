@@ -18,17 +18,12 @@ from authz.idp import cli
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-# The lead adds authz.idp.cli to authz.cli.COMMAND_MODULES; until then drive the module's parser directly.
-LAUNCHER = (
-    "import argparse, sys; from authz.idp import cli; p = argparse.ArgumentParser(); s = p.add_subparsers();"
-    " cli.register(s); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-)
 
 
 def _start(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, "idp", "--port", "0", "--log-level", "warning", *args],
+        [sys.executable, "-m", "authz.cli", "idp", "--port", "0", "--log-level", "warning", *args],
         cwd=ROOT,
         env=env,
         stderr=subprocess.PIPE,

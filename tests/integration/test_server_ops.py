@@ -235,3 +235,22 @@ def test_workers_share_the_load(tmp_path: Path, mode: str) -> None:
     counts = {p: prefixes.count(p) for p in set(prefixes)}
     assert len(counts) == 2, counts  # each worker process has its own decision-id prefix
     assert min(counts.values()) >= 400 * 0.1, counts
+
+
+def test_grpc_health_and_reflection(server: dict[str, Any]) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server['server'].grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(
+            health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert "envoy.service.auth.v3.Authorization" in names

@@ -165,3 +165,18 @@ async def test_swap_is_atomic_per_check() -> None:
     assert not (await e.check(req(""))).allowed
     e.swap(snapshot("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"))
     assert (await e.check(req(""))).allowed
+
+
+async def test_xfcc_identity_only_when_trusted() -> None:
+    from authz.identity import PeerTrust
+
+    xfcc = f"By=spiffe://cluster.local/ns/orders/sa/orders;URI={FRONTEND}"
+    request = Request(
+        source=Peer(address="10.0.0.9"),
+        http=HttpAttributes(method="GET", host="orders", path="/", headers={"x-forwarded-client-cert": xfcc}),
+        context_extensions={"namespace": "orders", "labels": "app=orders"},
+    )
+    untrusted = await engine().check(request)
+    assert (untrusted.allowed, untrusted.principal) == (False, "")
+    trusted = await engine(peer_trust=PeerTrust(trust_xfcc=True, trust_domain="cluster.local")).check(request)
+    assert (trusted.allowed, trusted.principal) == (True, FRONTEND)
