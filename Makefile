@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint fmt bench demo clean
+.PHONY: run test lint fmt bench demo soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ fmt: $(STAMP)
 ## bench: benchmarks with ratio tables against real Envoy measured in the same run
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## soak: the reliability suite with 10x the load and durations (on demand, not in CI)
+soak: $(STAMP)
+	MESHAUTHZ_SOAK=1 $(BIN)/python -m pytest -m reliability tests/reliability
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

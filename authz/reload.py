@@ -46,12 +46,14 @@ class PolicyReloader:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._lock = asyncio.Lock()
+        self.snapshot: Snapshot | None = None  # the last good set
 
     def load_initial(self) -> Snapshot:
         """First load; raises :class:`ConfigErrors` (the server refuses to start on a broken folder)."""
         self.generation = 1
         snapshot = load_snapshot(self.paths, self.mesh, generation=1, loaded_at=self._clock())
         POLICY_GENERATION.set(1)
+        self.snapshot = snapshot
         return snapshot
 
     def reload_now(self) -> bool:
@@ -65,6 +67,11 @@ class PolicyReloader:
         except ConfigError as exc:
             self._refused([exc])
             return False
+        emptied = _emptied_files(self.snapshot, snapshot) if self.snapshot is not None else []
+        if emptied:
+            self._refused(emptied)
+            return False
+        self.snapshot = snapshot
         self.generation = generation
         self._on_swap(snapshot)
         self.reloads_ok += 1
@@ -106,3 +113,21 @@ class PolicyReloader:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
         }
+
+
+def _emptied_files(old: Snapshot, new: Snapshot) -> list[ConfigError]:
+    """Files that held policies and still exist but now hold none. An editor or a tool that truncates
+    before writing would otherwise make the watcher load "no policy here", which for a workload whose
+    ALLOW policies lived there means allow-all. Deleting the file is how to remove its policies."""
+    before = {r.file for r in old.resources}
+    after = {r.file for r in new.resources}
+    return [
+        ConfigError(
+            "the file held policies and now holds none (truncated while being written?); "
+            "the last good set stays: delete the file to remove its policies",
+            file=f,
+            reason="policy_file_emptied",
+        )
+        for f in sorted(before - after)
+        if Path(f).exists()
+    ]

@@ -22,7 +22,9 @@ DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.
 
 # Envoy multiplexes every check of one Envoy worker on one HTTP/2 connection; capping concurrent streams
 # makes it open more connections, which SO_REUSEPORT then spreads over the authorizer's worker processes.
-DEFAULT_AUTHZ_MAX_CONCURRENT_STREAMS = 4
+# At 1 (a connection per in-flight check) two workers took 30-70% each (tests/integration/test_server_ops.py);
+# at 4, one of them got only 5-13%, as Envoy fills its first connection before opening another.
+DEFAULT_AUTHZ_MAX_CONCURRENT_STREAMS = 1
 # Prefix of every x-authz-* value Envoy sets in HTTP mode (see authz.server.http_ext_authz).
 TRUSTED_VALUE_MARKER = "+"
 

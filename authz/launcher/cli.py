@@ -1,7 +1,7 @@
 """``authz run`` (the local mesh on loopback) and ``authz demo`` (the story, step by step, against it).
 
     authz run [--base-port 9000] [--run-dir .run] [--policies DIR] [--mode grpc|http] [--ready-timeout 30]
-    authz demo [--run-dir .run] [--skip-rotation]
+    authz demo [--run-dir .run] [--skip-rotation] [--canary-requests 200]
     authz demo token [--run-dir .run]          # prints an access token from the mock IdP
     authz demo app orders|shadow|frontend ...  # one demo service (docker-compose runs them this way)
 
@@ -24,16 +24,22 @@ from types import FrameType
 from typing import Any
 
 from authz.errors import AuthzError, DependencyError
+from authz.launcher.demo import CANARY_REQUESTS
 from authz.launcher.mesh import (
     DEFAULT_BASE_PORT,
     DEMO_CLIENT_ID,
     DEMO_ISSUER,
+    INITIAL_CANARY_WEIGHTS,
     WORKLOADS,
     MeshLayout,
     MeshState,
     Ports,
+    canary_virtual_service_text,
     child_specs,
+    frontend_proxy_text,
     idp_config_text,
+    orders_service_text,
+    orders_v2_proxy_text,
     rewrite_issuer,
     spiffe_id,
     summary_text,
@@ -68,6 +74,14 @@ def _authz_text(command: list[str]) -> str:
     if command == [sys.executable, "-m", "authz.cli"] and script.is_file():
         return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
     return shlex.join(command)
+
+
+def _request_count(text: str) -> int:
+    """``--canary-requests``: enough for a split to mean something, few enough to stay quick."""
+    value = int(text)
+    if not 20 <= value <= 5000:
+        raise argparse.ArgumentTypeError(f"must be within 20..5000, got {value}")
+    return value
 
 
 def _say(text: str) -> None:
@@ -135,6 +149,8 @@ def _prepare(args: argparse.Namespace, layout: MeshLayout, ports: Ports, command
         timeout=SETUP_TIMEOUT,
         what="authz envoy-config",
     )  # fmt: skip
+    _write_proxy_configs(layout, ports)
+    loop = "http://127.0.0.1"
     return MeshState(
         base_port=ports.base,
         run_dir=str(layout.run_dir),
@@ -148,6 +164,31 @@ def _prepare(args: argparse.Namespace, layout: MeshLayout, ports: Ports, command
         orders_url=f"https://127.0.0.1:{ports['orders_envoy']}",
         envoy_mode=args.mode,
         svids={w: str(layout.svid_dir(w)) for w in WORKLOADS},
+        canary_file=str(layout.canary_file),
+        frontend_proxy_admin_url=f"{loop}:{ports['frontend_proxy_admin']}",
+        app_urls={
+            "orders-v1": f"{loop}:{ports['orders_v1']}",
+            "orders-v2": f"{loop}:{ports['orders_v2']}",
+            "shadow": f"{loop}:{ports['shadow']}",
+        },
+    )
+
+
+def _write_proxy_configs(layout: MeshLayout, ports: Ports) -> None:
+    """The bundled proxies' folders: each proxy watches its own (never the run dir, where logs change)."""
+    for workload in ("frontend", "orders-v2"):
+        folder = layout.proxy_dir(workload)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    frontend = layout.proxy_dir("frontend")
+    (frontend / "proxy.yaml").write_text(
+        frontend_proxy_text(ports, layout.svid_dir("frontend")), encoding="utf-8"
+    )
+    (frontend / "orders-service.yaml").write_text(orders_service_text(ports), encoding="utf-8")
+    layout.canary_file.write_text(canary_virtual_service_text(*INITIAL_CANARY_WEIGHTS), encoding="utf-8")
+    (layout.proxy_dir("orders-v2") / "proxy.yaml").write_text(
+        orders_v2_proxy_text(ports, layout.svid_dir("orders"), layout.policies_dir), encoding="utf-8"
     )
 
 
@@ -179,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
             child = supervisor.start(spec)
             pids[spec.name] = child.pid
             took = supervisor.wait_ready(child, timeout=args.ready_timeout)
-            _say(f"  {spec.name:13} ready in {took:4.1f}s  {spec.description}")
+            _say(f"  {spec.name:15} ready in {took:4.1f}s  {spec.description}")
         state = MeshState(**{**state.__dict__, "pids": pids})
         layout.state_file.write_text(state.to_json(), encoding="utf-8")
         os.chmod(layout.state_file, 0o600)
@@ -245,7 +286,9 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"authz demo token: {exc}", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
-    results = run_story(state, say=_say, rotation=not args.skip_rotation)
+    results = run_story(
+        state, say=_say, rotation=not args.skip_rotation, canary_requests=args.canary_requests
+    )
     failed = [r for r in results if not r.ok]
     _say(f"\n{len(results) - len(failed)}/{len(results)} steps behaved as described.")
     return EXIT_FAILED if failed else EXIT_OK
@@ -286,6 +329,12 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument("--run-dir", default=".run", help="the run dir of `authz run` (default .run)")
     demo.add_argument("--skip-rotation", action="store_true", help="skip the key-rotation step")
+    demo.add_argument(
+        "--canary-requests",
+        type=_request_count,
+        default=CANARY_REQUESTS,
+        help=f"requests per observed canary split (default {CANARY_REQUESTS}, 20..5000)",
+    )
     demo_sub = demo.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
     token = demo_sub.add_parser("token", help="print an access token for the demo client")
     token.add_argument(

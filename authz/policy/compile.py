@@ -2,9 +2,9 @@
 
 * Scope: policies are grouped by (namespace, selector); a workload finds its groups through a
   (label key, value) index, so selection cost follows the groups that can apply, not their count.
-* Rules: within a group and action, a rule whose every ``to`` entry lists only exact ``paths`` is
-  indexed by those paths; only rules indexed under the request path, plus the unindexed ones, are
-  evaluated.
+* Rules: within a group and action, rules are indexed by what their ``to`` entries require of the
+  path, host or method (exact, prefix, suffix; :mod:`authz.policy.index`); only the rules the request
+  can satisfy there, plus the unindexable ones, are evaluated.
 * TCP: each rule has an HTTP and a TCP variant (spec §1.9; istio model.go ``checkError``):
   an ALLOW rule that uses any HTTP-only field is dropped on TCP; DENY/AUDIT/CUSTOM rules lose their
   HTTP-only matchers (an entry left empty matches anything).
@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from authz.config import DEFAULT_MESH, MeshConfig
+from authz.policy.index import INDEX_MIN_RULES, RuleIndex, RuleKeys, build_rule_index, operation_keys
 from authz.policy.matchers import RequestView, ValuePredicate, value_predicate
-from authz.policy.model import MATCH_ANY_TEMPLATE, MATCH_ONE_TEMPLATE, Action, AuthorizationPolicy, FieldMatch
+from authz.policy.model import Action, AuthorizationPolicy, FieldMatch
 from authz.request import Workload
 from authz.workload import selects
 
@@ -88,35 +88,28 @@ def _first_entry_failure(entries: tuple[tuple[CompiledField, ...], ...], view: R
 
 @dataclass(slots=True)
 class RuleSet:
-    """Rules of one action in one group, for one protocol (HTTP or TCP)."""
+    """Rules of one action in one group, for one protocol (HTTP or TCP), in Envoy's order once
+    :meth:`finish` has run; :meth:`candidates` narrows them through a :class:`RuleIndex`."""
 
-    by_path: dict[str, list[CompiledRule]] = field(default_factory=dict)
-    unindexed: list[CompiledRule] = field(default_factory=list)
+    pending: list[tuple[CompiledRule, RuleKeys | None]] = field(default_factory=list)
+    index: RuleIndex[CompiledRule] | None = None
 
-    def add(self, rule: CompiledRule, paths: frozenset[str] | None) -> None:
-        if paths is None:
-            self.unindexed.append(rule)
-        else:
-            for p in paths:
-                self.by_path.setdefault(p, []).append(rule)
+    def add(self, rule: CompiledRule, keys: RuleKeys | None) -> None:
+        self.pending.append((rule, keys))
 
-    def candidates(self, path: str | None) -> list[CompiledRule]:
-        if path is None or not self.by_path:
-            return self.unindexed
-        hit = self.by_path.get(path)
-        if not hit:
-            return self.unindexed
-        if not self.unindexed:
-            return hit
-        return list(heapq.merge(self.unindexed, hit, key=_rule_key))
+    def finish(self, *, index_min_rules: int = INDEX_MIN_RULES) -> None:
+        self.pending.sort(key=lambda item: _rule_key(item[0]))
+        self.index = build_rule_index(self.pending, min_rules=index_min_rules)
+        self.pending = []
 
-    def finish(self) -> None:
-        self.unindexed.sort(key=_rule_key)
-        for rules in self.by_path.values():
-            rules.sort(key=_rule_key)
+    def candidates(self, path: str | None, method: str | None, host: str | None) -> Sequence[CompiledRule]:
+        """The rules that could match an HTTP request with these attributes (``None`` for TCP), in
+        Envoy's order."""
+        assert self.index is not None, "RuleSet.finish() not called"
+        return self.index.candidates(path, method, host)
 
     def __bool__(self) -> bool:
-        return bool(self.unindexed or self.by_path)
+        return bool(self.pending or (self.index is not None and self.index.rules))
 
 
 def _rule_key(rule: CompiledRule) -> str:
@@ -162,25 +155,9 @@ def _compile_field(
     )
 
 
-def _exact_paths(rule_ops: tuple[tuple[FieldMatch, ...], ...] | None) -> frozenset[str] | None:
-    """The exact paths a rule can match, if every ``to`` entry restricts the path to exact values."""
-    if not rule_ops:
-        return None
-    out: set[str] = set()
-    for entry in rule_ops:
-        paths = next((m for m in entry if m.attribute == "request.path" and m.values), None)
-        if paths is None:
-            return None
-        for v in paths.values:
-            if "*" in v or MATCH_ONE_TEMPLATE in v or MATCH_ANY_TEMPLATE in v:
-                return None
-            out.add(v)
-    return frozenset(out)
-
-
 def _compile_rule(
     policy: AuthorizationPolicy, index: int, mesh: MeshConfig, *, tcp: bool
-) -> tuple[CompiledRule, frozenset[str] | None] | None:
+) -> tuple[CompiledRule, RuleKeys | None] | None:
     """Compile rule ``index``; for TCP apply istio's drop (ALLOW) / widen (others) rule."""
     assert policy.rules is not None
     rule = policy.rules[index]
@@ -219,7 +196,8 @@ def _compile_rule(
             if keep(fm)
         ),
     )
-    return compiled, (None if tcp else _exact_paths(rule.operations))
+    # Every indexed attribute is HTTP-only, so the TCP variant is never indexed.
+    return compiled, (None if tcp else operation_keys(rule.operations))
 
 
 # Per namespace: groups without a selector, and groups indexed by one (label key, value) of their selector.
@@ -262,9 +240,13 @@ class CompiledPolicies:
 
 
 def compile_policies(
-    policies: Sequence[AuthorizationPolicy], mesh: MeshConfig = DEFAULT_MESH
+    policies: Sequence[AuthorizationPolicy],
+    mesh: MeshConfig = DEFAULT_MESH,
+    *,
+    index_min_rules: int = INDEX_MIN_RULES,
 ) -> CompiledPolicies:
-    """Compile ``policies`` for ``mesh`` (trust domain aliases, root namespace)."""
+    """Compile ``policies`` for ``mesh`` (trust domain aliases, root namespace). Rule sets with fewer
+    than ``index_min_rules`` rules are scanned whole (a huge value turns the index off: tests compare)."""
     groups: dict[tuple[str, frozenset[tuple[str, str]] | None], PolicyGroup] = {}
     for policy in policies:
         if policy.target_refs:
@@ -296,7 +278,7 @@ def compile_policies(
     for group in groups.values():
         for table in (group.http, group.tcp):
             for rs in table.values():
-                rs.finish()
+                rs.finish(index_min_rules=index_min_rules)
         group.custom.sort(key=lambda p: p.policy_name)
         unselected, by_label = by_ns.setdefault(group.namespace, ([], {}))
         if not group.selector:

@@ -39,14 +39,34 @@ class PolicyResult:
     normalized_path: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """The attributes the rule index is keyed by; all ``None`` on TCP."""
+
+    tcp: bool
+    path: str | None
+    method: str | None
+    host: str | None
+
+
+def _lookup(request: Request, path: str) -> _Lookup:
+    http = request.http
+    if http is None:
+        return _Lookup(True, None, None, None)
+    # As RequestView sees them (authz.policy.matchers): the normalized path, the raw method, the
+    # host or None when empty.
+    return _Lookup(False, path, http.method, http.host or None)
+
+
 def _candidates(
-    groups: Iterable[PolicyGroup], action: Action, dry_run: bool, tcp: bool, path: str | None
+    groups: Iterable[PolicyGroup], action: Action, dry_run: bool, at: _Lookup
 ) -> Iterable[CompiledRule]:
+    """Rules of ``action`` that could match, merged across groups in Envoy's order (rule id)."""
     lists = []
     for group in groups:
-        rs = group.rules(action, dry_run, tcp)
+        rs = group.rules(action, dry_run, at.tcp)
         if rs:
-            found = rs.candidates(path)
+            found = rs.candidates(at.path, at.method, at.host)
             if found:
                 lists.append(found)
     if not lists:
@@ -80,8 +100,7 @@ def evaluate(
     """Decide ``request`` for ``workload``. ``path`` is the normalized path without query
     (:func:`authz.policy.normalize.normalize_path`); ``request.http is None`` means TCP."""
     view = RequestView(request, auth, path)
-    tcp = request.http is None
-    lookup_path = None if tcp else path
+    at = _lookup(request, path)
     groups = compiled.groups_for(workload)
     trace: list[TraceEntry] = []
 
@@ -99,19 +118,17 @@ def evaluate(
             )
 
     # 3. AUDIT marks the request; the decision is unchanged.
-    audit = _first_match(_candidates(groups, Action.AUDIT, False, tcp, lookup_path), view, "audit", trace)
+    audit = _first_match(_candidates(groups, Action.AUDIT, False, at), view, "audit", trace)
     audit_id = audit.rule_id if audit else ""
 
     # Dry-run DENY runs as the DENY filter's shadow engine.
     shadow: ShadowResult | None = None
     if any(g.has_dry_run.get(Action.DENY) for g in groups):
-        dry_deny = _first_match(
-            _candidates(groups, Action.DENY, True, tcp, lookup_path), view, "dry-run-deny", trace
-        )
+        dry_deny = _first_match(_candidates(groups, Action.DENY, True, at), view, "dry-run-deny", trace)
         shadow = ShadowResult(allowed=dry_deny is None, policy_id=dry_deny.rule_id if dry_deny else "")
 
     # 4. DENY
-    deny = _first_match(_candidates(groups, Action.DENY, False, tcp, lookup_path), view, "deny", trace)
+    deny = _first_match(_candidates(groups, Action.DENY, False, at), view, "deny", trace)
     if deny is not None:
         return PolicyResult(
             allowed=False,
@@ -126,9 +143,7 @@ def evaluate(
 
     # Dry-run ALLOW runs as the ALLOW filter's shadow engine (reached only if DENY did not deny).
     if any(g.has_dry_run.get(Action.ALLOW) for g in groups) and (shadow is None or shadow.allowed):
-        dry_allow = _first_match(
-            _candidates(groups, Action.ALLOW, True, tcp, lookup_path), view, "dry-run-allow", trace
-        )
+        dry_allow = _first_match(_candidates(groups, Action.ALLOW, True, at), view, "dry-run-allow", trace)
         shadow = ShadowResult(
             allowed=dry_allow is not None,
             policy_id=dry_allow.rule_id if dry_allow else NO_ALLOW_MATCH_POLICY_ID,
@@ -136,7 +151,7 @@ def evaluate(
 
     # 5. ALLOW: default deny iff an enforced ALLOW policy selects the workload.
     if any(g.has_enforced_allow for g in groups):
-        allow = _first_match(_candidates(groups, Action.ALLOW, False, tcp, lookup_path), view, "allow", trace)
+        allow = _first_match(_candidates(groups, Action.ALLOW, False, at), view, "allow", trace)
         if allow is None:
             return PolicyResult(
                 allowed=False,

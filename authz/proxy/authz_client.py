@@ -108,6 +108,8 @@ def apply_allow(
 
     Invalid names/values from a decision are dropped, never written (response splitting).
     """
+    if not (ops.set or ops.append or ops.remove or ops.response):
+        return headers, []
     sets = _safe(ops.set)
     drop = {k.lower() for k in ops.remove} | {k for k, _ in sets}
     out = [(k, v) for k, v in headers if k not in drop and k != "host"]
@@ -128,7 +130,16 @@ class GrpcAuthorizer:
         import grpc.aio
         from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-        self._channel = grpc.aio.insecure_channel(target)
+        # Reconnect fast after the authorizer restarts: gRPC's default backoff (1 s growing to 120 s) kept
+        # denying for seconds after it was back (tests/reliability/test_restart.py).
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 500),
+            ],
+        )
         self._stub = external_auth_pb2_grpc.AuthorizationStub(self._channel)
         self._timeout = timeout
 
@@ -206,11 +217,27 @@ def from_check_response(response: Any) -> Decision:
     denied = response.denied_response
     hdrs: Mapping[str, str] = {o.header.key.lower(): o.header.value for o in denied.headers}
     status = denied.status.code or 403
+    body = _deny_body(denied.body)
+    reason = body.get("reason") or response.status.message
     return Decision(
         allowed=False,
         status=int(status),
-        reason=Reason.DENIED_BY_POLICY if status == 403 else Reason.INVALID_TOKEN,
-        message=response.status.message or denied.body,
+        reason=str(reason)
+        if reason
+        else (Reason.DENIED_BY_POLICY if status == 403 else Reason.INVALID_TOKEN),
+        message=str(body.get("message") or denied.body),
+        policy_id=str(body.get("policy") or ""),
         www_authenticate=hdrs.get("www-authenticate", ""),
         decision_id=hdrs.get("x-authz-decision-id", ""),
     )
+
+
+def _deny_body(body: str) -> Mapping[str, Any]:
+    """meshauthz's JSON deny body (reason, policy, message); another authorizer's body is just text."""
+    if not body.startswith("{"):
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

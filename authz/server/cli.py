@@ -153,8 +153,9 @@ def _run_workers(args: argparse.Namespace) -> int:
     """Start N worker processes on the same ports (SO_REUSEPORT); the kernel spreads connections.
 
     Only worker 0 serves the admin endpoint. Envoy multiplexes all checks of one Envoy worker onto one
-    HTTP/2 connection, so for gRPC set the cluster's ``max_concurrent_streams`` low (the docs show 4) to
-    make Envoy open several connections; HTTP/1.1 mode opens one connection per concurrent check anyway.
+    HTTP/2 connection, so for gRPC set the cluster's ``max_concurrent_streams`` low (the generated
+    bootstrap sets 1) to make Envoy open several connections; HTTP/1.1 mode opens one connection per
+    concurrent check anyway.
     """
     base = [sys.executable, "-m", "authz.cli", "serve", "--reuse-port", "--log-level", args.log_level]
     for p in args.policies:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from authz.cli import build_parser
 from authz.launcher import demo
 from authz.launcher.cli import find_envoy
-from authz.launcher.mesh import PORT_OFFSETS, MeshState, Ports, spiffe_id
+from authz.launcher.mesh import PORT_OFFSETS, MeshState, Ports, canary_weights, spiffe_id
 from authz.launcher.supervisor import port_in_use
 
 pytestmark = [pytest.mark.integration, pytest.mark.envoy, pytest.mark.timeout(120)]
@@ -47,7 +48,8 @@ def free_base_port() -> int:
     rng = random.Random()
     span = max(offset for offset, _ in PORT_OFFSETS.values())
     for _ in range(50):
-        base = rng.randrange(20000, 60000 - span, 1000)
+        # Below Linux's ephemeral range (32768-60999): no port-0 bind elsewhere can take ours meanwhile.
+        base = rng.randrange(10000, 32768 - span, 1000)
         ports = Ports(base)
         if not any(port_in_use("127.0.0.1", port) for _, port, _ in ports.described()):
             return base
@@ -122,9 +124,15 @@ def client() -> Iterator[httpx.Client]:
 
 def test_prints_what_runs_and_the_commands_to_try(mesh: RunningMesh) -> None:
     text = mesh.output_path.read_text()
-    for name in ("idp", "authz", "orders-v1", "envoy-orders", "frontend"):
+    names = ("idp", "authz", "orders-v1", "envoy-orders", "orders-v2", "proxy-orders-v2", "shadow",
+             "proxy-frontend", "frontend")  # fmt: skip
+    for name in names:
         assert f"  {name}" in text and name in mesh.state.pids
+    ports = Ports(mesh.state.base_port)
+    for key in ("orders_v2", "shadow", "orders_v2_proxy", "frontend_proxy", "frontend_proxy_admin"):
+        assert f"  {ports[key]}  {PORT_OFFSETS[key][1]}" in text
     assert f"{mesh.state.frontend_url}/orders" in text and "demo token" in text
+    assert mesh.state.canary_file in text and "mode local" in text
     assert "Ctrl-C stops everything" in text
 
 
@@ -141,15 +149,23 @@ def test_bad_token_gets_401_with_a_challenge(mesh: RunningMesh, client: httpx.Cl
 
 
 def test_token_lets_it_through_with_identity_headers(mesh: RunningMesh, client: httpx.Client) -> None:
+    """Through the canary: v1 (Envoy) adds XFCC naming the frontend; both strip the token, both add
+    x-jwt-sub. Ten requests at 90/10 see v1 at least once (all v2: p = 1e-10)."""
     token = demo.fetch_token(mesh.state, client=client)
-    result = demo.step_with_token(mesh.state, client, token)
-    assert result.details["status"] == 200, result.summary
-    identity = result.details["identity"]
-    assert identity["x-jwt-sub"] == mesh.state.client_id
-    assert f"URI={spiffe_id('frontend')}" in identity["x-forwarded-client-cert"]
-    assert result.details["orders"]["version"] == "v1"
-    assert result.details["orders"]["authorization_forwarded"] is False
-    assert result.ok
+    versions = []
+    for _ in range(10):
+        result = demo.step_with_token(mesh.state, client, token)
+        assert result.details["status"] == 200, result.summary
+        identity = result.details["identity"]
+        assert identity["x-jwt-sub"] == mesh.state.client_id
+        assert result.details["orders"]["authorization_forwarded"] is False
+        if result.details["version"] == "v1":
+            assert f"URI={spiffe_id('frontend')}" in identity["x-forwarded-client-cert"]
+        else:
+            assert result.details["version"] == "v2" and "x-forwarded-client-cert" not in identity
+        assert result.ok
+        versions.append(result.details["version"])
+    assert "v1" in versions
 
 
 def test_wrong_workload_identity_is_refused(mesh: RunningMesh, client: httpx.Client) -> None:
@@ -167,6 +183,67 @@ def test_authz_check_explains_the_denial(mesh: RunningMesh) -> None:
     assert "principals did not match" in result.details["output"]
 
 
+def test_the_canary_splits_90_10_and_every_request_is_mirrored(
+    mesh: RunningMesh, client: httpx.Client
+) -> None:
+    token = demo.fetch_token(mesh.state, client=client)
+    split = demo.step_canary_split(mesh.state, client, token, requests=demo.CANARY_REQUESTS)
+    observation = split.details["observation"]
+    assert observation.all_ok, observation
+    assert abs(observation.share("v2") - 0.10) <= demo.split_tolerance(0.10, observation.requests)
+    assert split.ok, split.summary
+    mirror = demo.step_mirror(
+        mesh.state,
+        client,
+        primaries=observation,
+        shadow_before=split.details["shadow_before"],
+        orders_before=split.details["orders_before"],
+    )
+    assert mirror.details["mirrored"] >= observation.requests, mirror.summary
+    assert mirror.details["leaked"] == {"v1": 0, "v2": 0} and mirror.ok
+    print(f"\n90/10: {split.summary}\nmirror: {mirror.summary}")
+
+
+def test_editing_the_virtual_service_moves_the_split(mesh: RunningMesh, client: httpx.Client) -> None:
+    admin = mesh.state.frontend_proxy_admin_url
+    before = demo.proxy_reloads(admin, client)
+    token = demo.fetch_token(mesh.state, client=client)
+    result = demo.step_hot_reload(mesh.state, client, token, requests=demo.CANARY_REQUESTS)
+    after = demo.proxy_reloads(admin, client)
+    assert after["ok"] > before.get("ok", 0) and after.get("error", 0) == before.get("error", 0)
+    observation = result.details["observation"]
+    assert observation.all_ok, observation
+    assert abs(observation.share("v2") - 0.50) <= demo.split_tolerance(0.50, observation.requests)
+    assert result.details["reload_seconds"] < demo.RELOAD_TIMEOUT and result.ok, result.summary
+    print(f"\n50/50: {result.summary}")
+
+
+def test_a_broken_virtual_service_keeps_the_routes_in_force(mesh: RunningMesh, client: httpx.Client) -> None:
+    """A bad edit is rejected (file:line:field in the proxy's log) and traffic keeps flowing."""
+    admin = mesh.state.frontend_proxy_admin_url
+    target = Path(mesh.state.canary_file)
+    good = target.read_text()
+    before = demo.proxy_reloads(admin, client)
+    staging = Path(mesh.state.run_dir) / ".broken.yaml"
+    broken = re.sub(r"weight: \d+", "weight: fifty", good, count=1)
+    assert broken != good
+    staging.write_text(broken)
+    os.replace(staging, target)
+    try:
+        deadline = time.monotonic() + demo.RELOAD_TIMEOUT
+        while demo.proxy_reloads(admin, client).get("error", 0) <= before.get("error", 0):
+            assert time.monotonic() < deadline, "the proxy never looked at the broken file"
+            time.sleep(0.1)
+        token = demo.fetch_token(mesh.state, client=client)
+        observation = demo.observe_split(mesh.state, token, requests=20, client=client)
+        assert observation.all_ok, observation
+        log = Path(mesh.state.run_dir, "logs", "proxy-frontend.log").read_text()
+        assert "orders-virtualservice.yaml:" in log and "weight" in log
+    finally:
+        weights = canary_weights(good)
+        demo.set_canary_weights(mesh.state, weights["v1"], weights["v2"], client=client)
+
+
 def test_key_rotation_fails_no_request(mesh: RunningMesh) -> None:
     result = demo.rotate_keys_under_load(mesh.state, requests=40)
     assert result.details["old_kid"] != result.details["new_kid"]
@@ -175,12 +252,16 @@ def test_key_rotation_fails_no_request(mesh: RunningMesh) -> None:
 
 
 def test_the_demo_command_walks_the_story(mesh: RunningMesh) -> None:
+    moved = canary_weights(Path(mesh.state.canary_file).read_text()) != {"v1": 90, "v2": 10}
     done = subprocess.run(
-        [*mesh.state.authz_command, "demo", "--run-dir", mesh.state.run_dir, "--skip-rotation"],
+        [*mesh.state.authz_command, "demo", "--run-dir", mesh.state.run_dir, "--skip-rotation",
+         "--canary-requests", "100"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "5/5 steps behaved as described" in done.stdout
+    assert "8/8 steps behaved as described" in done.stdout
+    assert ("weights set back to 90/10" in done.stdout) == moved  # earlier tests leave it at 50/50
+    assert "weights 90/10 -> 50/50, reloaded in" in done.stdout
     token = subprocess.run(
         [*mesh.state.authz_command, "demo", "token", "--run-dir", mesh.state.run_dir],
         capture_output=True, text=True, timeout=60, check=True,

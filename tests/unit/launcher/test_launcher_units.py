@@ -58,7 +58,7 @@ def test_every_base_port_shifts_every_port(base: int) -> None:
     try:
         ports = Ports(base)
     except ValueError:
-        assert base > 65535 - 901
+        assert base > 65535 - 903
         return
     assert all(base <= p <= 65535 for _, p, _ in ports.described())
     assert {p - base for _, p, _ in ports.described()} == {p - 9000 for _, p, _ in Ports().described()}
@@ -81,10 +81,21 @@ def test_state_round_trips_and_children_start_in_order(tmp_path: Path) -> None:
     s = state(tmp_path)
     assert MeshState.from_json(s.to_json()) == s
     specs = child_specs(s, MeshLayout(tmp_path), python="py", envoy="envoy", ports=Ports())
-    assert [c.name for c in specs] == ["idp", "authz", "orders-v1", "envoy-orders", "frontend"]
+    assert [c.name for c in specs] == [
+        "idp", "authz", "orders-v1", "envoy-orders", "orders-v2", "proxy-orders-v2", "shadow",
+        "proxy-frontend", "frontend",
+    ]  # fmt: skip
     assert all(c.ready_url.startswith("http://127.0.0.1:") for c in specs)
     serve = specs[1].argv
     assert serve[serve.index("--grpc") + 1] == "127.0.0.1:9191"
+    by_name = {c.name: c.argv for c in specs}
+    # The frontend calls its sidecar in plain HTTP with the orders host; the sidecar does the mTLS.
+    frontend = by_name["frontend"]
+    assert frontend[frontend.index("--upstream") + 1] == "http://127.0.0.1:9501"
+    assert frontend[frontend.index("--upstream-host") + 1] == "orders.orders.svc.cluster.local"
+    assert "--svid" not in frontend
+    proxy = by_name["proxy-frontend"]
+    assert proxy[proxy.index("--config") + 1] == str(tmp_path / "proxy" / "frontend")
     assert spiffe_id("frontend") == "spiffe://cluster.local/ns/shop/sa/frontend"
 
 
@@ -97,7 +108,7 @@ def test_a_taken_port_is_named_with_the_flag_that_moves_it(
         taken = sock.getsockname()[1]
         assert port_in_use("127.0.0.1", taken)
         base = taken - 193  # the authorizer admin port
-        if base < 1024 or base > 65535 - 901:
+        if base < 1024 or base > 65535 - 903:
             pytest.skip("ephemeral port outside the range a base can reach")
         parser = argparse.ArgumentParser()
         launcher_cli.register(parser.add_subparsers())
