@@ -33,6 +33,9 @@ __all__ = ["Engine", "remote_ip"]
 
 log = logging.getLogger("authz.engine")
 
+# Reasons are a closed set of codes; the bound only guards against a bug turning them into free text.
+MAX_COUNTER_CHILDREN = 256
+
 # Claims copied into the allow decision (dynamic metadata, identity headers): the identity, not the payload.
 IDENTITY_CLAIMS = ("iss", "sub", "aud", "azp", "client_id", "scope", "exp")
 
@@ -77,6 +80,7 @@ class Engine:
         self.decision_log = decision_log
         self.fail_open = fail_open
         self._ids = itertools.count(1)
+        self._check_counters: dict[tuple[bool, str], Any] = {}
         self._id_prefix = os.urandom(4).hex()
 
     @property
@@ -111,7 +115,12 @@ class Engine:
                 Reason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", decision_id
             )
         elapsed = time.perf_counter() - started
-        CHECKS.labels(decision="allow" if decision.allowed else "deny", reason=decision.reason).inc()
+        counter = self._check_counters.get((decision.allowed, decision.reason))
+        if counter is None:
+            counter = CHECKS.labels(decision="allow" if decision.allowed else "deny", reason=decision.reason)
+            if len(self._check_counters) < MAX_COUNTER_CHILDREN:
+                self._check_counters[(decision.allowed, decision.reason)] = counter
+        counter.inc()
         CHECK_LATENCY.observe(elapsed)
         if self.decision_log is not None:
             self.decision_log.record(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -269,7 +269,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._queue.append((item, keep_alive))
         if not self._draining:
             self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+            run_eagerly(self._drain())
 
     async def _drain(self) -> None:
         try:
@@ -295,6 +295,42 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                     return
         finally:
             self._draining = False
+
+
+def run_eagerly(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` now, in this callback, until it first waits; only then hand it to a Task.
+
+    A check whose token is cached never waits, so its response is written from ``data_received`` with no
+    Task created and no extra loop iteration (``asyncio.eager_task_factory`` does this from Python 3.12).
+    """
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration:
+        return
+    asyncio.get_running_loop().create_task(_resume(coro, waiting_on))
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Drive the rest of an eagerly started coroutine from a Task, as the Task would have."""
+    while True:
+        try:
+            if waiting_on is None:  # a bare yield (asyncio.sleep(0))
+                await asyncio.sleep(0)
+            else:
+                # The Future the coroutine is waiting for: take it over as Task.__step does (clear the
+                # blocking flag the coroutine's own await set), then wait for it ourselves.
+                waiting_on._asyncio_future_blocking = False
+                await waiting_on
+        except BaseException as exc:  # the wait failed or we were cancelled: the coroutine decides
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return
 
 
 async def serve_http(

@@ -142,3 +142,29 @@ def test_arbitrary_bytes_never_allow(data: bytes) -> None:
 async def test_smuggling_shape_is_rejected(te: bytes) -> None:
     data, _ = await roundtrip(b"POST /ok HTTP/1.1\r\nHost: a\r\n" + te + b"\r\n0\r\n\r\n")
     assert b"200 OK" not in data
+
+
+class SlowRecorder(Recorder):
+    """Waits before deciding (a key fetch): the front must hand the check to a task and still answer."""
+
+    async def __call__(self, request: Request) -> Decision:
+        await asyncio.sleep(0)  # a bare yield
+        await asyncio.sleep(0.01)  # a Future
+        return await super().__call__(request)
+
+
+async def test_checks_that_wait_are_answered_in_order() -> None:
+    rec = SlowRecorder()
+    server = await serve_http(rec, "127.0.0.1", 0, settings=HttpCheckSettings(), malformed=malformed)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nGET /no HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2:
+            data += await asyncio.wait_for(reader.read(65536), timeout=5)
+        writer.close()
+    finally:
+        server.close()
+    assert data.index(b"200 OK") < data.index(b"403 Forbidden")
