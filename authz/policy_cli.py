@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from authz.authn import Authenticator
+from authz.authn import Authenticator, claim_headers
 from authz.clock import system_clock
 from authz.config import MeshConfig, load_mesh_config
 from authz.decision import Decision
@@ -29,11 +31,11 @@ from authz.errors import ConfigError, ConfigErrors
 from authz.policy.evaluate import PolicyResult
 from authz.policy.explain import explain
 from authz.policy.requestfile import parse_request_file
-from authz.policy.testing import decide, load_policy_tests, run_policy_tests
+from authz.policy.testing import UpstreamHeaders, decide, load_policy_tests, run_policy_tests
 from authz.resources import Resource, load_resources
 from authz.snapshot import Snapshot, build_snapshot
 
-__all__ = ["parse_request_file", "register", "result_as_dict"]
+__all__ = ["parse_request_file", "register", "result_as_dict", "upstream_headers_for"]
 
 EXIT_ALLOW = 0
 EXIT_DENY = 1
@@ -116,6 +118,23 @@ async def _decide_with_engine(snapshot: Snapshot, mesh: MeshConfig, data: Any) -
         await authenticator.close()
 
 
+def upstream_headers_for(snapshot: Snapshot) -> UpstreamHeaders:
+    """For a test case with verified ``claims``: the headers the workload's RequestAuthentications put
+    upstream, from the first jwtRule whose issuer accepts the claims' ``iss`` (as the authenticator does)."""
+
+    def headers(request_data: Mapping[str, Any]) -> Mapping[str, str]:
+        _, workload, auth = parse_request_file(request_data)
+        if auth is None:
+            return {}
+        payload = base64.urlsafe_b64encode(json.dumps(dict(auth.claims), separators=(",", ":")).encode())
+        for rule in snapshot.jwt_rules_for(workload):
+            if not rule.issuer or rule.issuer == auth.issuer:
+                return claim_headers(rule, auth.claims, payload.rstrip(b"=").decode())
+        return {}
+
+    return headers
+
+
 def run_check(args: argparse.Namespace) -> int:
     result: PolicyResult | Decision
     try:
@@ -152,7 +171,7 @@ def run_test(args: argparse.Namespace) -> int:
     if not cases:
         print("no AuthorizationPolicyTest cases found", file=sys.stderr)
         return EXIT_USAGE
-    report = run_policy_tests(compiled, cases)
+    report = run_policy_tests(compiled, cases, upstream_headers=upstream_headers_for(snapshot))
     print(report.format(verbose=args.verbose))
     return 0 if report.ok else 1
 

@@ -7,7 +7,7 @@ needs, and ``authenticator`` ties them together for the engine.
 
 from __future__ import annotations
 
-from authz.authn.authenticator import Authenticator, AuthnResult
+from authz.authn.authenticator import Authenticator, AuthnResult, claim_headers
 from authz.authn.jwk import Jwk, KeySet, parse_jwks
 from authz.authn.jwt import VerifiedToken, verify
 from authz.authn.model import (
@@ -41,6 +41,7 @@ __all__ = [
     "RequestAuthentication",
     "SpiffeBinding",
     "VerifiedToken",
+    "claim_headers",
     "jwt_rules_for",
     "load_issuer_settings",
     "load_request_authentications",

@@ -38,7 +38,7 @@ from authz.decision import HeaderOps
 from authz.errors import CredentialError, DependencyError
 from authz.request import Request, RequestAuth
 
-__all__ = ["Authenticator", "AuthnResult"]
+__all__ = ["Authenticator", "AuthnResult", "claim_headers"]
 
 MAX_EXTRACTORS = 1024  # distinct rule sets (workloads) whose compiled token locations are kept
 _EMPTY_HEADERS = HeaderOps()
@@ -67,6 +67,20 @@ class AuthnResult:
 
 _PASS = AuthnResult()
 _BYPASS = AuthnResult(bypassed=True)
+
+
+def claim_headers(rule: JwtRule, claims: Mapping[str, Any], payload_segment: str) -> dict[str, str]:
+    """The upstream headers a verified token produces under ``rule``: ``outputPayloadToHeader`` (the
+    token's payload segment) and ``outputClaimToHeaders`` (string, int and bool claims; values
+    sanitized by :func:`header_value`)."""
+    out: dict[str, str] = {}
+    if rule.output_payload_to_header:
+        out[rule.output_payload_to_header] = payload_segment
+    for ch in rule.output_claim_to_headers:
+        value = header_value(lookup_claim(claims, ch.claim))
+        if value is not None:
+            out[ch.header] = value
+    return out
 
 
 class Authenticator:
@@ -381,12 +395,7 @@ class Authenticator:
         remove: dict[str, None] = {}
         for vt, extracted in verified:
             rule = vt.rule
-            if rule.output_payload_to_header:
-                set_headers[rule.output_payload_to_header] = vt.payload_segment
-            for ch in rule.output_claim_to_headers:
-                value = header_value(lookup_claim(vt.claims, ch.claim))
-                if value is not None:
-                    set_headers[ch.header] = value
+            set_headers.update(claim_headers(rule, vt.claims, vt.payload_segment))
             # Envoy JwtProvider.forward=false removes the token header; params and cookies stay.
             if extracted.location.kind == "header" and not rule.forward_original_token:
                 remove[extracted.location.name] = None

@@ -16,13 +16,16 @@
         expect: deny                                           # shorthand for {allowed: false}
 
 ``expect`` keys: ``allowed`` (required), ``policyId``, ``reason`` (``authz.decision.Reason`` codes, plus
-``malformed_request``/``malformed_path`` for requests refused before evaluation), ``audit``.
+``malformed_request``/``malformed_path`` for requests refused before evaluation), ``audit``, and
+``headers``: the upstream headers an allowed request gets from its verified ``claims`` (the
+RequestAuthentications' ``outputClaimToHeaders`` / ``outputPayloadToHeader``), a value of ``null`` meaning
+"absent".
 The request format is :mod:`authz.policy.requestfile`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +58,11 @@ class Expectation:
     policy_id: str | None = None
     reason: str | None = None
     audit: bool | None = None
+    headers: Mapping[str, str | None] | None = None
+
+
+UpstreamHeaders = Callable[[Mapping[str, Any]], Mapping[str, str]]
+"""Given a case's request description, the headers its verified claims put on the upstream request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +119,17 @@ def _parse_expect(resource: Resource, raw: Any, path: tuple[str | int, ...]) -> 
         return Expectation(allowed=raw == "allow")
     if not isinstance(raw, Mapping) or not isinstance(raw.get("allowed"), bool):
         raise resource.error(path, "expect must be allow, deny or a mapping with allowed: true|false")
-    unknown = set(raw) - {"allowed", "policyId", "reason", "audit"}
+    unknown = set(raw) - {"allowed", "policyId", "reason", "audit", "headers"}
     if unknown:
-        raise resource.error(path, f"unknown field(s) {sorted(unknown)} (allowed, policyId, reason, audit)")
+        raise resource.error(
+            path, f"unknown field(s) {sorted(unknown)} (allowed, policyId, reason, audit, headers)"
+        )
+    headers = raw.get("headers")
+    if headers is not None and (
+        not isinstance(headers, Mapping)
+        or not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in headers.items())
+    ):
+        raise resource.error((*path, "headers"), "must map header names to strings (or null: absent)")
     policy_id = raw.get("policyId")
     reason = raw.get("reason")
     audit = raw.get("audit")
@@ -123,7 +139,13 @@ def _parse_expect(resource: Resource, raw: Any, path: tuple[str | int, ...]) -> 
         raise resource.error((*path, "reason"), "must be a string")
     if audit is not None and not isinstance(audit, bool):
         raise resource.error((*path, "audit"), "must be true or false")
-    return Expectation(allowed=raw["allowed"], policy_id=policy_id, reason=reason, audit=audit)
+    return Expectation(
+        allowed=raw["allowed"],
+        policy_id=policy_id,
+        reason=reason,
+        audit=audit,
+        headers={k.lower(): v for k, v in headers.items()} if headers is not None else None,
+    )
 
 
 def load_policy_tests(resources: Sequence[Resource]) -> list[PolicyTestCase]:
@@ -182,7 +204,15 @@ def decide(compiled: CompiledPolicies, request_data: Mapping[str, Any]) -> Polic
     return evaluate(compiled, request, workload, auth, path=path)
 
 
-def run_policy_tests(compiled: CompiledPolicies, cases: Sequence[PolicyTestCase]) -> TestReport:
+def run_policy_tests(
+    compiled: CompiledPolicies,
+    cases: Sequence[PolicyTestCase],
+    *,
+    upstream_headers: UpstreamHeaders | None = None,
+) -> TestReport:
+    """Decide every case and compare with its expectation. ``upstream_headers`` computes the headers an
+    allowed request's claims produce (the caller knows the RequestAuthentications); without it, a case
+    that expects headers fails with a clear message."""
     report = TestReport()
     for case in cases:
         result = decide(compiled, case.request)
@@ -198,7 +228,26 @@ def run_policy_tests(compiled: CompiledPolicies, cases: Sequence[PolicyTestCase]
             problems.append(f"expected reason {e.reason!r}, got {result.reason!r}")
         if e.audit is not None and result.audit != e.audit:
             problems.append(f"expected audit={e.audit}, got audit={result.audit}")
+        if e.headers is not None:
+            problems.extend(_header_problems(e.headers, result, case.request, upstream_headers))
         report.results.append(
             CaseResult(case=case, passed=not problems, result=result, problems=tuple(problems))
         )
     return report
+
+
+def _header_problems(
+    want: Mapping[str, str | None],
+    result: PolicyResult,
+    request: Mapping[str, Any],
+    upstream_headers: UpstreamHeaders | None,
+) -> list[str]:
+    if upstream_headers is None:
+        return ["expects headers, but this runner does not know the RequestAuthentications"]
+    got = {k.lower(): v for k, v in upstream_headers(request).items()} if result.allowed else {}
+    problems = []
+    for name, value in want.items():
+        if got.get(name) != value:
+            shown = "absent" if value is None else repr(value)
+            problems.append(f"expected header {name} {shown}, got {got.get(name, 'absent')!r}")
+    return problems

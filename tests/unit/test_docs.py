@@ -17,6 +17,7 @@ from authz.config import MeshConfig, parse_mesh_config
 from authz.decision import Decision
 from authz.decision_log import decision_record
 from authz.policy.testing import load_policy_tests, run_policy_tests
+from authz.policy_cli import upstream_headers_for
 from authz.request import Request, Workload
 from authz.resources import parse_documents
 from authz.server.grpc_ext_authz import denied_body
@@ -62,7 +63,9 @@ def test_yaml_examples(where: str, text: str) -> None:
         snapshot = build_snapshot(resources, MeshConfig(), generation=1, loaded_at=0.0)
         cases = load_policy_tests(resources)
         if cases:
-            report = run_policy_tests(snapshot.policies, cases)
+            report = run_policy_tests(
+                snapshot.policies, cases, upstream_headers=upstream_headers_for(snapshot)
+            )
             assert report.ok, report.format(verbose=True)
     elif "Deployment" in kinds:
         (container,) = docs[0]["spec"]["template"]["spec"]["containers"]

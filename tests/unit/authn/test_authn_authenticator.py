@@ -455,6 +455,7 @@ def test_public_api_is_exactly_the_intended_names() -> None:
             "RequestAuthentication",
             "SpiffeBinding",
             "VerifiedToken",
+            "claim_headers",
             "jwt_rules_for",
             "load_issuer_settings",
             "load_request_authentications",

@@ -104,3 +104,33 @@ def test_public_api() -> None:
     }  # fmt: skip
     for name in authz.policy.__all__:
         assert hasattr(authz.policy, name)
+
+
+def test_test_command_checks_expected_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "p.yaml").write_text(
+        """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: r, namespace: n}
+spec:
+  jwtRules:
+  - issuer: https://idp
+    jwksUri: http://127.0.0.1:1/jwks   # never fetched: test cases carry verified claims
+    outputClaimToHeaders: [{header: x-sub, claim: sub}, {header: x-team, claim: org.team}]
+---
+apiVersion: meshauthz.dev/v1alpha1
+kind: AuthorizationPolicyTest
+metadata: {name: t, namespace: n}
+spec:
+  cases:
+  - name: headers
+    request: {namespace: n, claims: {iss: https://idp, sub: al, org: {team: x}}}
+    expect: {allowed: true, headers: {x-sub: al, x-team: x, x-absent: null}}
+  - name: wrong
+    request: {namespace: n, claims: {iss: https://idp, sub: bob}}
+    expect: {allowed: true, headers: {x-sub: al}}
+"""
+    )
+    assert run(["test", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "PASS" in out and "expected header x-sub 'al', got 'bob'" in out and "1 passed, 1 failed" in out
