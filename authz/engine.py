@@ -33,6 +33,10 @@ __all__ = ["Engine", "remote_ip"]
 
 log = logging.getLogger("authz.engine")
 
+# Normalized paths kept: most traffic repeats a few paths; the cache is dropped whole when full, so a
+# flood of unique paths costs at most this many entries.
+MAX_CACHED_PATHS = 4096
+
 # Reasons are a closed set of codes; the bound only guards against a bug turning them into free text.
 MAX_COUNTER_CHILDREN = 256
 
@@ -81,6 +85,7 @@ class Engine:
         self.fail_open = fail_open
         self._ids = itertools.count(1)
         self._check_counters: dict[tuple[bool, str], Any] = {}
+        self._paths: dict[str, str] = {}  # raw :path -> normalized (a pure function of the path)
         self._id_prefix = os.urandom(4).hex()
 
     @property
@@ -168,7 +173,13 @@ class Engine:
         path = ""
         if request.http is not None:
             check_http_request(request.http)  # Envoy's HCM rejects these with 400; so do we
-            path = normalize_path(request.http.path, self.mesh.path_normalization)
+            raw_path = request.http.path
+            path = self._paths.get(raw_path, "")
+            if not path:
+                path = normalize_path(raw_path, self.mesh.path_normalization)
+                if len(self._paths) >= MAX_CACHED_PATHS:
+                    self._paths.clear()
+                self._paths[raw_path] = path
         # 3. Credentials: RequestAuthentication semantics (authz.authn).
         rules = snapshot.jwt_rules_for(workload)
         authn: AuthnResult = await self.authenticator.authenticate(request, rules)

@@ -46,6 +46,9 @@ class HttpAttributes:
     headers: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     id: str = ""
     body: bytes = b""
+    validated: bool = False
+    """The front's HTTP parser already rejected what Envoy's codecs reject (bad method or header
+    names, CR/LF/NUL in values), so the engine need not check again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -259,13 +259,13 @@ def proxy_config_yaml(
     upstream_port: int,
     policy_dir: str | None,
 ) -> str:
-    """The bundled proxy's ``ProxyConfig`` (``proxy.meshauthz.io/v1``, see ``authz/proxy/loader.py``):
+    """The bundled proxy's ``ProxyConfig`` (``meshauthz.dev/v1alpha1``, see ``authz/proxy/loader.py``):
     inbound listener to the upstream, in-process authorization from ``policy_dir`` (``None``: no auth)."""
     authorizer: dict[str, Any] = {"mode": "none"}
     if policy_dir is not None:
         authorizer = {"mode": "local", "policies": [policy_dir]}
     doc = {
-        "apiVersion": "proxy.meshauthz.io/v1",
+        "apiVersion": "meshauthz.dev/v1alpha1",
         "kind": "ProxyConfig",
         "metadata": {"name": "bench", "namespace": BENCH_NAMESPACE},
         "spec": {

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from authz.errors import AuthzError, ConfigErrors
+from authz.eventloop import run as run_loop
 from authz.proxy.authz_client import AllowAll, Authorizer, GrpcAuthorizer
 from authz.proxy.loader import load_sidecar_config
 from authz.proxy.settings import SidecarConfig
@@ -118,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
             load_sidecar_config(args.config)
             print(f"{args.config}: OK")
             return 0
-        return asyncio.run(run(args.config, watch=not args.no_watch))
+        return run_loop(run(args.config, watch=not args.no_watch))
     except ConfigErrors as exc:
         for err in exc.errors:
             print(err, file=sys.stderr)

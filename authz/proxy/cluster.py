@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from authz.clock import Clock, monotonic_clock
 from authz.proxy.http1 import ResponseHead, strip_hop_by_hop
@@ -91,19 +92,18 @@ class Cluster:
 
     def choose(self, tried: list[str], hash_key: str | None) -> Endpoint:
         """LB pick over healthy endpoints, preferring untried ones (Envoy ``previous_hosts`` predicate)."""
+        if len(self.endpoints) == 1:  # the only host, ejected or not (Envoy's panic mode keeps it)
+            return self.endpoints[0]
         healthy = self.outlier.healthy(self.endpoints, now=self.clock())
         fresh = [e for e in healthy if e.key not in tried] or healthy
         active = {k: p.active for k, p in self.pools.items()}
         return self.lb.pick(fresh, self.rng, active=active, hash_key=hash_key)
 
-    async def _try(
-        self,
-        pool: EndpointPool,
-        conn: UpstreamConnection,
-        request: ProxyRequest,
-        replayable: bool,
-        per_try: float | None,
-    ) -> ResponseHead:
+    @staticmethod
+    def _send(
+        conn: UpstreamConnection, request: ProxyRequest, replayable: bool
+    ) -> Coroutine[Any, Any, ResponseHead]:
+        """One try's send, as a coroutine the caller awaits (no frame of its own in the await chain)."""
         body = request.body
         if body.empty:
             read = None
@@ -111,9 +111,14 @@ class Cluster:
             read = body.replay().read
         else:
             read = body.read
-        headers = [("host", request.authority), *request.headers]
-        async with asyncio.timeout(per_try):
-            return await conn.send(request.method, request.target, headers, body.length, read)
+        return conn.send(
+            request.method,
+            request.target,
+            request.authority,
+            request.headers,
+            length=body.length,
+            read_body=read,
+        )
 
     async def forward(
         self,
@@ -141,7 +146,11 @@ class Cluster:
             conn: UpstreamConnection | None = None
             try:
                 conn = await pool.acquire()
-                head = await self._try(pool, conn, request, replayable, per_try)
+                if per_try is None:
+                    head = await self._send(conn, request, replayable)
+                else:
+                    async with asyncio.timeout(per_try):
+                        head = await self._send(conn, request, replayable)
             except Overflow:
                 return _local_failure(503, "UO", "overflow", info)
             except TimeoutError:
@@ -164,6 +173,8 @@ class Cluster:
             else:
                 assert conn is not None
                 response = self._response(head, request, conn, pool)
+                if retry is None and self.outlier.policy is None:
+                    return response  # nothing to account or retry: the common case, kept short
                 outcome = Outcome(status=head.status, grpc_status=head.get("grpc-status") or "")
             self.outlier.record(endpoint.key, outcome.status, now=self.clock())
             if can_retry and should_retry(retries_done, outcome, retry):

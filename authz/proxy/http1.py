@@ -18,7 +18,7 @@ obs-fold, bare LF, space before colon, chunk-size overflow. What we add:
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import httptools
@@ -28,6 +28,8 @@ from authz.errors import MalformedRequest
 __all__ = [
     "DEFAULT_MAX_HEADER_BYTES",
     "DEFAULT_MAX_HEADER_COUNT",
+    "DROP_FROM_REQUEST",
+    "DROP_FROM_RESPONSE",
     "HOP_BY_HOP",
     "LAST_CHUNK",
     "Body",
@@ -102,6 +104,8 @@ class RequestHead:
     body: Body
     content_length: int | None = None
     expect_continue: bool = False
+    host: str = ""
+    """The one ``Host`` value ("" in an HTTP/1.0 request without one)."""
 
     def get(self, name: str) -> str | None:
         """All values of ``name`` joined with ``,`` (RFC 9110 §5.3), or None."""
@@ -136,59 +140,62 @@ class Event:
     error: CodecError | None = None
 
 
-@dataclass(slots=True)
-class _HeadState:
-    url: bytearray = field(default_factory=bytearray)
-    status: bytearray = field(default_factory=bytearray)
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    header_bytes: int = 0
-    fed_bytes: int = 0
-
-
 class _Parser:
-    """Shared callback plumbing over an httptools parser: collects :class:`Event` into a deque."""
+    """Shared callback plumbing over an httptools parser: collects :class:`Event` into a deque.
+
+    The head being parsed lives in plain attributes (no per-message object) and each callback does the
+    least it can: these run for every header of every request.
+    """
 
     def __init__(self, max_header_bytes: int, max_header_count: int) -> None:
         self.events: collections.deque[Event] = collections.deque()
         self._max_bytes = max_header_bytes
         self._max_count = max_header_count
-        self._head: _HeadState | None = None
+        self._in_head = False
+        self._url = b""
+        self._status = b""
+        self._headers: list[tuple[str, str]] = []
+        self._header_bytes = 0
+        self._fed_bytes = 0
         self._failed = False
         self._limit_error: CodecError | None = None
 
     # -- httptools callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._head = _HeadState()
+        self._in_head = True
+        self._url = b""
+        self._status = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._fed_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        assert self._head is not None
-        self._head.url += url
-        self._count(len(url))
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_bytes:
+            self._limit(f"header section larger than {self._max_bytes} bytes")
 
     def on_status(self, status: bytes) -> None:
-        assert self._head is not None
-        self._head.status += status
+        self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._head is not None
-        self._count(len(name) + len(value) + 4)
-        if len(self._head.headers) >= self._max_count:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_bytes:
+            self._limit(f"header section larger than {self._max_bytes} bytes")
+        if not self._in_head:
+            return  # a chunked body's trailer section: not forwarded (Envoy's HTTP/1 default)
+        headers = self._headers
+        if len(headers) >= self._max_count:
             self._limit(f"more than {self._max_count} header fields")
-        self._head.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_body(self, body: bytes) -> None:
-        self.events.append(Event("body", data=bytes(body)))
+        self.events.append(Event("body", None, body))
 
     def on_message_complete(self) -> None:
         self.events.append(Event("end"))
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _count(self, n: int) -> None:
-        assert self._head is not None
-        self._head.header_bytes += n
-        if self._head.header_bytes > self._max_bytes:
-            self._limit(f"header section larger than {self._max_bytes} bytes")
-
     def _limit(self, message: str) -> None:
         self._limit_error = CodecError(message, status=431, reason="headers_too_large")
         raise self._limit_error
@@ -196,36 +203,44 @@ class _Parser:
     def _feed(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes) -> None:
         if self._failed:
             return
+        if len(data) <= FEED_SLICE:
+            self._feed_piece(parser, data)
+            return
         for start in range(0, len(data), FEED_SLICE):
-            piece = data[start : start + FEED_SLICE]
-            try:
-                parser.feed_data(piece)
-            except httptools.HttpParserUpgrade:
-                self._fail(CodecError("protocol upgrade and CONNECT are not supported", status=501))
+            if not self._feed_piece(parser, data[start : start + FEED_SLICE]):
                 return
-            except httptools.HttpParserCallbackError as exc:
-                cause = self._limit_error or exc.__context__
-                if isinstance(cause, CodecError):
-                    self._fail(cause)
-                else:
-                    self._fail(CodecError(f"invalid message: {cause or exc}"))
-                return
-            except httptools.HttpParserError as exc:
-                self._fail(CodecError(f"invalid message: {exc}"))
-                return
-            head = self._head
-            if head is not None:
-                # llhttp buffers an incomplete header line without telling us; bound it ourselves.
-                head.fed_bytes += len(piece)
-                if head.fed_bytes > self._max_bytes + FEED_SLICE:
-                    self._fail(
-                        CodecError(
-                            f"header section larger than {self._max_bytes} bytes",
-                            status=431,
-                            reason="headers_too_large",
-                        )
+
+    def _feed_piece(
+        self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, piece: bytes
+    ) -> bool:
+        try:
+            parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            self._fail(CodecError("protocol upgrade and CONNECT are not supported", status=501))
+            return False
+        except httptools.HttpParserCallbackError as exc:
+            cause = self._limit_error or exc.__context__
+            if isinstance(cause, CodecError):
+                self._fail(cause)
+            else:
+                self._fail(CodecError(f"invalid message: {cause or exc}"))
+            return False
+        except httptools.HttpParserError as exc:
+            self._fail(CodecError(f"invalid message: {exc}"))
+            return False
+        if self._in_head:
+            # llhttp buffers an incomplete header line without telling us; bound it ourselves.
+            self._fed_bytes += len(piece)
+            if self._fed_bytes > self._max_bytes + FEED_SLICE:
+                self._fail(
+                    CodecError(
+                        f"header section larger than {self._max_bytes} bytes",
+                        status=431,
+                        reason="headers_too_large",
                     )
-                    return
+                )
+                return False
+        return True
 
     def _fail(self, error: CodecError) -> None:
         self._failed = True
@@ -236,10 +251,9 @@ class _Parser:
         return self._failed
 
 
-def _framing(headers: list[tuple[str, str]], version: str, *, request: bool) -> tuple[Body, int | None]:
-    """Decide the body framing (RFC 9112 §6.1-6.3) and reject the shapes used for smuggling."""
-    te = [v for k, v in headers if k == "transfer-encoding"]
-    cl = [v for k, v in headers if k == "content-length"]
+def _framing(te: list[str], cl: list[str], version: str, *, request: bool) -> tuple[Body, int | None]:
+    """Decide the body framing (RFC 9112 §6.1-6.3) from the ``Transfer-Encoding`` and ``Content-Length``
+    values, and reject the shapes used for smuggling."""
     if te and cl:  # RFC 9112 §6.3 ¶3: reject rather than guess (llhttp already does)
         raise CodecError("both Content-Length and Transfer-Encoding")
     if len(cl) > 1:
@@ -260,6 +274,10 @@ def _framing(headers: list[tuple[str, str]], version: str, *, request: bool) -> 
     return ("none" if request else "close"), None
 
 
+# Header names the request checks look at; every other name is skipped with one set lookup.
+_REQUEST_SPECIAL = frozenset({"host", "transfer-encoding", "content-length", "expect", "upgrade"})
+
+
 class RequestParser(_Parser):
     """Parse pipelined requests from a downstream connection; :attr:`events` fills as bytes arrive."""
 
@@ -276,35 +294,51 @@ class RequestParser(_Parser):
         self._feed(self._parser, data)
 
     def on_headers_complete(self) -> None:
-        head = self._head
-        assert head is not None
-        self._head = None
-        version = self._parser.get_http_version()
-        method = self._parser.get_method().decode("ascii")
-        if method == "CONNECT" or any(k == "upgrade" for k, _ in head.headers):
+        self._in_head = False
+        headers = self._headers
+        parser = self._parser
+        version = parser.get_http_version()
+        method = parser.get_method().decode("ascii")
+        hosts: list[str] = []
+        te: list[str] = []
+        cl: list[str] = []
+        expect: list[str] = []
+        upgrade = False
+        for k, v in headers:
+            if k in _REQUEST_SPECIAL:
+                if k == "host":
+                    hosts.append(v)
+                elif k == "content-length":
+                    cl.append(v)
+                elif k == "transfer-encoding":
+                    te.append(v)
+                elif k == "expect":
+                    expect.append(v.strip().lower())
+                else:
+                    upgrade = True
+        if method == "CONNECT" or upgrade:
             # No tunnel mode yet; Envoy also refuses upgrades it was not configured for.
             raise CodecError("protocol upgrade and CONNECT are not supported", status=501)
-        hosts = [v for k, v in head.headers if k == "host"]
         if (version == "1.1" and len(hosts) != 1) or len(hosts) > 1:
             raise CodecError("a request needs exactly one Host header (RFC 9112 §3.2)")
         if hosts and not valid_header_value(hosts[0]):
             raise CodecError("malformed Host")
-        body, length = _framing(head.headers, version, request=True)
-        expect = [v.strip().lower() for k, v in head.headers if k == "expect"]
+        body, length = _framing(te, cl, version, request=True)
         if expect and expect != ["100-continue"]:
             raise CodecError("unsupported expectation", status=417)
         self.events.append(
             Event(
                 "head",
-                head=RequestHead(
-                    method=method,
-                    target=head.url.decode("latin-1"),
-                    version=version,
-                    headers=head.headers,
-                    keep_alive=bool(self._parser.should_keep_alive()),
-                    body=body,
-                    content_length=length,
-                    expect_continue=bool(expect),
+                RequestHead(
+                    method,
+                    self._url.decode("latin-1"),
+                    version,
+                    headers,
+                    bool(parser.should_keep_alive()),
+                    body,
+                    length,
+                    bool(expect),
+                    hosts[0] if hosts else "",
                 ),
             )
         )
@@ -326,53 +360,58 @@ class ResponseParser(_Parser):
         self._feed(self._parser, data)
 
     def on_headers_complete(self) -> None:
-        head = self._head
-        assert head is not None
-        self._head = None
+        self._in_head = False
+        headers = self._headers
         status = int(self._parser.get_status_code())
         version = self._parser.get_http_version()
         if 100 <= status < 200 or status in (204, 304):
             body: Body = "none"
             length = None
         else:
-            body, length = _framing(head.headers, version, request=False)
+            te = [v for k, v in headers if k == "transfer-encoding"]
+            cl = [v for k, v in headers if k == "content-length"]
+            body, length = _framing(te, cl, version, request=False)
         self.events.append(
             Event(
                 "head",
-                head=ResponseHead(
-                    status=status,
-                    reason=head.status.decode("latin-1"),
-                    version=version,
-                    headers=head.headers,
-                    keep_alive=bool(self._parser.should_keep_alive()),
-                    body=body,
-                    content_length=length,
+                ResponseHead(
+                    status,
+                    self._status.decode("latin-1"),
+                    version,
+                    headers,
+                    bool(self._parser.should_keep_alive()),
+                    body,
+                    length,
                 ),
             )
         )
 
 
-def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+DROP_FROM_RESPONSE = HOP_BY_HOP | {"content-length"}
+"""Fields a proxy never forwards from a response: hop-by-hop ones and framing (it re-frames)."""
+DROP_FROM_REQUEST = DROP_FROM_RESPONSE | {"host", "expect"}
+"""Request fields not forwarded as they are: Host travels as the authority, Expect is answered here."""
+
+
+_CONNECTION_FIELDS = frozenset({"connection", "proxy-connection"})
+
+
+def strip_hop_by_hop(
+    headers: list[tuple[str, str]], drop: frozenset[str] = DROP_FROM_RESPONSE
+) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields and every field named in ``Connection`` (RFC 9110 §7.6.1).
 
-    Framing fields (``content-length``) are dropped too: the writer re-frames (RFC 9112 §6.3).
+    Framing fields (``content-length``) are dropped too: the writer re-frames (RFC 9112 §6.3). ``drop``
+    names further fields to leave out (:data:`DROP_FROM_REQUEST`).
     """
-    named = {
-        token.strip().lower()
-        for k, v in headers
-        if k in ("connection", "proxy-connection")
-        for token in v.split(",")
-    }
-    drop = HOP_BY_HOP | named | {"content-length"}
+    named = [v for k, v in headers if k in _CONNECTION_FIELDS]
+    if named:
+        drop = drop | {token.strip().lower() for v in named for token in v.split(",")}
     return [(k, v) for k, v in headers if k not in drop]
 
 
 def _head_lines(first: str, headers: list[tuple[str, str]]) -> bytes:
-    parts = [first]
-    for k, v in headers:
-        parts.append(f"{k}: {v}")
-    parts.append("\r\n")
-    return "\r\n".join(parts).encode("latin-1")
+    return (first + "\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers]) + "\r\n").encode("latin-1")
 
 
 def serialize_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:

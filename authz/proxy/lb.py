@@ -29,10 +29,10 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     identity: str = ""
     tls: bool = False
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.address}:{self.port}")  # computed once: read per request
 
 
 def pick_weighted(items: Sequence[T], weights: Sequence[int], rng: random.Random) -> T:

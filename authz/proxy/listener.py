@@ -1,8 +1,12 @@
 """Downstream listeners: accept, (m)TLS per PeerAuthentication mode, parse requests strictly, write responses.
 
-One coroutine per connection; one request in flight per connection (pipelined requests wait in the parser's
-event queue, spec §3.2). Bodies stream in both directions with back-pressure: the request body is read from
-the socket only when the upstream side asks for the next chunk, and every downstream write awaits ``drain()``.
+One coroutine per connection over a :class:`~authz.proxy.channel.Channel` (a Protocol feeding the parser);
+one request in flight per connection (pipelined requests wait in the parser's event queue, spec §3.2).
+Bodies stream in both directions with back-pressure: the request body is consumed only when the upstream
+side asks for the next chunk, and downstream writes wait in ``drain()`` above the high-water mark.
+
+Hot-path choices (spec §2.3, §3.3): no timer per read (a sweeper fails reads whose deadline passed), a
+response head and the body bytes already parsed go out in one ``write`` (one ``send`` syscall).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from authz.proxy.channel import Channel
 from authz.proxy.http1 import (
+    DROP_FROM_REQUEST,
     LAST_CHUNK,
     CodecError,
-    Event,
     RequestHead,
     RequestParser,
     encode_chunk,
@@ -42,8 +48,7 @@ __all__ = [
 
 log = logging.getLogger("authz.proxy")
 
-READ_SIZE = 64 * 1024
-WRITE_HIGH_WATER = 256 * 1024
+COALESCE_LIMIT = 64 * 1024  # body bytes already parsed that ride along with the response head in one write
 DEFAULT_IDLE_TIMEOUT = 300.0  # keep-alive idle time between requests before we close
 DEFAULT_HEADER_TIMEOUT = 60.0  # time to receive a request head or the next body chunk (slowloris bound)
 TLS_DETECT_TIMEOUT = 10.0  # PERMISSIVE: time to wait for the first byte that tells TLS from plaintext
@@ -70,6 +75,8 @@ class ConnectionInfo:
     local_port: int
     tls: bool = False
     peer: PeerIdentity = field(default_factory=PeerIdentity)
+    cache: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Per-connection values a handler derives once (the peers it hands to the authorizer)."""
 
 
 Handler = Callable[[ProxyRequest, ConnectionInfo, StreamInfo], Awaitable[ProxyResponse]]
@@ -115,7 +122,9 @@ class Listener:
         self.closing = False
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._channels: set[Channel] = set()
 
     @property
     def port(self) -> int:
@@ -131,6 +140,17 @@ class Listener:
         sock.setblocking(False)
         self._sock = sock
         self._accept_task = asyncio.create_task(self._accept_loop(), name=f"{self.name}-accept")
+        self._sweep_task = asyncio.create_task(self._sweep(), name=f"{self.name}-timeouts")
+
+    async def _sweep(self) -> None:
+        """Fail reads whose deadline passed: one timer for the listener instead of one per read."""
+        loop = asyncio.get_running_loop()
+        tick = max(0.01, min(1.0, self.idle_timeout / 4, self.header_timeout / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for channel in list(self._channels):
+                channel.expire(now)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,6 +173,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         mode = self.tls_mode()
         use_tls = mode == "STRICT"
+        channel = Channel(RequestParser())
         try:
             if mode == "PERMISSIVE":
                 # Detect a TLS ClientHello (record type 0x16) without consuming it (Istio's tls_inspector).
@@ -166,18 +187,14 @@ class Listener:
             if use_tls and ctx is None:
                 sock.close()
                 return
-            reader = asyncio.StreamReader(limit=READ_SIZE)
-            protocol = asyncio.StreamReaderProtocol(reader)
+            local = sock.getsockname()  # before the transport owns the socket
             transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None
+                lambda: channel, sock, ssl=ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             log.debug("%s: connection setup failed: %s", self.name, exc)
             sock.close()
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        local = sock.getsockname()
         info = ConnectionInfo(
             peer_address=str(addr[0]),
             peer_port=int(addr[1]),
@@ -186,21 +203,24 @@ class Listener:
             tls=ctx is not None,
             peer=peer_identity(transport.get_extra_info("ssl_object")) if ctx is not None else PeerIdentity(),
         )
-        conn = _DownstreamConnection(self, reader, writer, info)
+        conn = _DownstreamConnection(self, channel, info)
+        self._channels.add(channel)
         try:
             await conn.run()
         except Exception:
             log.exception("%s: connection failed", self.name)
         finally:
-            transport.abort() if conn.abort else writer.close()
+            self._channels.discard(channel)
+            channel.abort() if conn.abort else channel.close()
 
     async def close(self, grace: float = DRAIN_TIMEOUT) -> None:
         """Stop accepting; let requests in flight finish for up to ``grace`` seconds, then cut the rest."""
         self.closing = True
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
+        for task in (self._accept_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._sock is not None:
             self._sock.close()
         if self._connections:
@@ -211,58 +231,48 @@ class Listener:
                 await asyncio.wait(pending, timeout=1.0)
 
 
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
 class _DownstreamConnection:
-    def __init__(
-        self,
-        listener: Listener,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        info: ConnectionInfo,
-    ) -> None:
+    def __init__(self, listener: Listener, channel: Channel, info: ConnectionInfo) -> None:
         self.listener = listener
-        self.reader = reader
-        self.writer = writer
+        self.channel = channel
         self.info = info
-        self.parser = RequestParser()
+        self.parser = channel.parser
         self.abort = False
         self._body_done = True
         self._continue_pending = False
         self._stream: StreamInfo | None = None
         self._idle = True
-
-    async def _next_event(self, timeout: float) -> Event | None:
-        parser = self.parser
-        while not parser.events:
-            if parser.failed:
-                return None
-            try:
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(READ_SIZE)
-            except (ConnectionError, OSError, ssl.SSLError):
-                return None
-            if not data:
-                return None
-            parser.feed(data)
-        return parser.events.popleft()
+        self._loop = asyncio.get_running_loop()
+        self._scheme = "https" if info.tls else "http"
 
     async def run(self) -> None:
-        while not self.listener.closing or not self._idle:
-            timeout = self.listener.idle_timeout
+        channel = self.channel
+        listener = self.listener
+        parser = self.parser
+        events = parser.events
+        while not listener.closing or not self._idle:
+            channel.deadline = self._loop.time() + listener.idle_timeout
             try:
-                ev = await self._next_event(timeout)
+                while not events:
+                    if parser.failed or channel.eof:
+                        return
+                    await channel.wait()
             except TimeoutError:
                 return
-            if ev is None:
-                return
+            ev = channel.pop()
             if ev.kind == "error":
                 assert ev.error is not None
                 await self._write_error(ev.error)
                 return
             if ev.kind != "head":
                 return
-            assert isinstance(ev.head, RequestHead)
+            head = ev.head
+            assert isinstance(head, RequestHead)
             self._idle = False
-            keep = await self._serve(ev.head)
+            keep = await self._serve(head)
             self._idle = True
             if not keep:
                 return
@@ -270,20 +280,31 @@ class _DownstreamConnection:
     async def _write_error(self, error: CodecError) -> None:
         resp = local_response(error.status, f"{error.message}\n")
         with contextlib.suppress(ConnectionError, OSError):
-            await self._write_head(
-                resp.status, resp.reason, [*resp.headers, ("content-length", str(resp.length))], close=True
+            self.channel.write(
+                serialize_response_head(
+                    resp.status,
+                    resp.reason,
+                    [*resp.headers, ("content-length", str(resp.length)), ("connection", "close")],
+                )
+                + error.message.encode()
+                + b"\n"
             )
-            self.writer.write(error.message.encode() + b"\n")
-            await self.writer.drain()
+            await self.channel.drain()
 
     async def _read_body(self) -> bytes | None:
         if self._body_done:
             return None
+        channel = self.channel
         if self._continue_pending:  # RFC 9110 §10.1.1: answer the expectation ourselves, as Envoy does
             self._continue_pending = False
-            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                channel.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except ConnectionError as exc:
+                self.abort = True
+                raise DownstreamClosed("client closed") from exc
+        channel.deadline = self._loop.time() + self.listener.header_timeout
         try:
-            ev = await self._next_event(self.listener.header_timeout)
+            ev = await channel.next_event()
         except TimeoutError as exc:
             raise DownstreamClosed("request body timed out") from exc
         if ev is None or ev.kind in ("error", "head"):
@@ -299,40 +320,43 @@ class _DownstreamConnection:
         return ev.data
 
     def _request(self, head: RequestHead) -> ProxyRequest:
-        authority = head.get("host") or ""
+        authority = head.host
         target = head.target
-        if target.startswith(("http://", "https://")):  # absolute-form: its authority wins (RFC 9112 §3.2.2)
+        if not target.startswith("/") and target.startswith(("http://", "https://")):
+            # absolute-form: its authority wins (RFC 9112 §3.2.2)
             parts = urlsplit(target)
             authority = parts.netloc
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = [(k, v) for k, v in strip_hop_by_hop(head.headers) if k not in ("host", "expect")]
-        body = RequestBody(
-            head.content_length if head.body == "length" else (0 if head.body == "none" else None),
-            self._read_body if head.body != "none" else None,
-        )
+        body_kind = head.body
+        if body_kind == "none":
+            body = RequestBody(0, None)
+        else:
+            body = RequestBody(head.content_length if body_kind == "length" else None, self._read_body)
         return ProxyRequest(
             head.method,
             target,
             authority,
-            headers,
+            strip_hop_by_hop(head.headers, DROP_FROM_REQUEST),
             body,
-            scheme="https" if self.info.tls else "http",
-            version=head.version,
+            self._scheme,
+            head.version,
         )
 
     async def _serve(self, head: RequestHead) -> bool:
         if head.body == "none":
-            ev = self.parser.events.popleft() if self.parser.events else None
-            assert ev is None or ev.kind == "end"
+            events = self.parser.events
+            if events and events[0].kind == "end":
+                events.popleft()
             self._body_done = True
         else:
             self._body_done = False
             self._continue_pending = head.expect_continue and head.version == "1.1"
         request = self._request(head)
-        stream = StreamInfo(start=time.monotonic())
+        stream = StreamInfo(time.monotonic())
         self._stream = stream
+        listener = self.listener
         try:
-            response = await self.listener.handler(request, self.info, stream)
+            response = await listener.handler(request, self.info, stream)
         except DownstreamClosed as exc:
             stream.flags.add("DC")
             if exc.error is not None:
@@ -341,9 +365,9 @@ class _DownstreamConnection:
             self._done(request, stream)
             return False
         except Exception:
-            log.exception("%s: handler failed", self.listener.name)
+            log.exception("%s: handler failed", listener.name)
             response = local_response(500, "internal error")
-        keep = head.keep_alive and not self.listener.closing
+        keep = head.keep_alive and not listener.closing
         try:
             keep = await self._write_response(head, response, stream, keep)
         except (ConnectionError, OSError, DownstreamClosed):
@@ -360,60 +384,76 @@ class _DownstreamConnection:
         return keep
 
     def _done(self, request: ProxyRequest, stream: StreamInfo) -> None:
-        if self.listener.on_done is not None:
+        on_done = self.listener.on_done
+        if on_done is not None:
             try:
-                self.listener.on_done(request, self.info, stream)
+                on_done(request, self.info, stream)
             except Exception:
                 log.exception("access log / metrics failed")
-
-    async def _write_head(
-        self, status: int, reason: str, headers: list[tuple[str, str]], *, close: bool
-    ) -> None:
-        if close:
-            headers = [*headers, ("connection", "close")]
-        self.writer.write(serialize_response_head(status, reason, headers))
 
     async def _write_response(
         self, head: RequestHead, resp: ProxyResponse, stream: StreamInfo, keep: bool
     ) -> bool:
-        stream.status = resp.status
         status = resp.status
-        headers = [
-            (k, v) for k, v in resp.headers if k not in ("content-length", "transfer-encoding", "connection")
-        ]
+        stream.status = status
+        headers = [(k, v) for k, v in resp.headers if k not in _FRAMING]
         no_body = resp.no_body or head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         chunked = False
+        length = resp.length
         if no_body:
-            if resp.length is not None and status not in (204,) and not 100 <= status < 200:
-                headers.append(("content-length", str(resp.length)))
-        elif resp.length is not None:
-            headers.append(("content-length", str(resp.length)))
+            if length is not None and status != 204 and not 100 <= status < 200:
+                headers.append(("content-length", str(length)))
+        elif length is not None:
+            headers.append(("content-length", str(length)))
         elif head.version == "1.1":
             headers.append(("transfer-encoding", "chunked"))
             chunked = True
         else:
             keep = False  # HTTP/1.0 client, unknown length: the end of the body is the end of the connection
-        await self._write_head(status, resp.reason, headers, close=not keep)
+        if not keep:
+            headers.append(("connection", "close"))
+        channel = self.channel
+        body = resp.body
+        out = serialize_response_head(status, resp.reason, headers)
         if no_body:
-            for _ in range(
-                4
-            ):  # let the upstream connection see its end-of-message (bounded, no data expected)
-                if await resp.body.read() is None:
+            channel.write(out)
+            for _ in range(4):  # let the upstream connection see its end-of-message (bounded, none expected)
+                if await body.read() is None:
                     break
             else:
-                resp.body.abort()
-        else:
-            sent = 0
-            while (chunk := await resp.body.read()) is not None:
+                body.abort()
+            await channel.drain()
+            return keep
+        # The body bytes already parsed go out with the head: one send for a small response.
+        sent = 0
+        pieces = [out]
+        ended = False
+        while sent < COALESCE_LIMIT:
+            chunk = body.poll()
+            if chunk is None:
+                ended = True
+                break
+            if not chunk:
+                break
+            sent += len(chunk)
+            if length is not None and sent > length:
+                raise UpstreamError("reset", "upstream body longer than its Content-Length")
+            pieces.append(encode_chunk(chunk) if chunked else chunk)
+        if ended and chunked:
+            pieces.append(LAST_CHUNK)
+        channel.write(b"".join(pieces) if len(pieces) > 1 else out)
+        if not ended:
+            await channel.drain()
+            while (chunk := await body.read()) is not None:
                 if not chunk:
                     continue
                 sent += len(chunk)
-                if resp.length is not None and sent > resp.length:
+                if length is not None and sent > length:
                     raise UpstreamError("reset", "upstream body longer than its Content-Length")
-                self.writer.write(encode_chunk(chunk) if chunked else chunk)
-                await self.writer.drain()
-            stream.bytes_sent += sent
+                channel.write(encode_chunk(chunk) if chunked else chunk)
+                await channel.drain()
             if chunked:
-                self.writer.write(LAST_CHUNK)
-        await self.writer.drain()
+                channel.write(LAST_CHUNK)
+        stream.bytes_sent += sent
+        await channel.drain()
         return keep

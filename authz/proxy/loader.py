@@ -798,7 +798,11 @@ def parse_resources(
     items = list(resources)
     found_settings = None
     for r in items:
-        if r.kind == "ProxyConfig" and r.api_version == PROXY_VERSION:
+        if r.kind == "ProxyConfig" and r.api_version != PROXY_VERSION:
+            # Ignoring it would start a proxy with no listeners and say nothing.
+            errors.append(r.error(("apiVersion",), f"ProxyConfig is {PROXY_VERSION}"))
+            continue
+        if r.kind == "ProxyConfig":
             if found_settings is not None:
                 errors.append(r.error(("kind",), "only one ProxyConfig is allowed"))
                 continue

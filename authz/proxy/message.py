@@ -22,7 +22,16 @@ __all__ = [
 
 
 class ResponseBody(Protocol):
-    async def read(self) -> bytes | None: ...
+    async def read(self) -> bytes | None:
+        """The next chunk; None at the end."""
+        ...
+
+    def poll(self) -> bytes | None:
+        """The next chunk if it is already here, ``b""`` if it is not yet, None at the end (no waiting).
+
+        Lets the listener send a response head and its body in one write.
+        """
+        ...
 
     def abort(self) -> None: ...
 
@@ -34,6 +43,10 @@ class BytesBody:
         self._data: bytes | None = data if data else None
 
     async def read(self) -> bytes | None:
+        data, self._data = self._data, None
+        return data
+
+    def poll(self) -> bytes | None:
         data, self._data = self._data, None
         return data
 

@@ -64,6 +64,15 @@ class HashingBody:
             self._hash.update(data)
         return data
 
+    def poll(self) -> bytes | None:
+        data = self._inner.poll()
+        if data is None:
+            if not self.digest.done():
+                self.digest.set_result(self._hash.hexdigest())
+        elif data:
+            self._hash.update(data)
+        return data
+
     def abort(self) -> None:
         self._inner.abort()
         if not self.digest.done():

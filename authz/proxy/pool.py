@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from authz.proxy.channel import Channel
 from authz.proxy.http1 import (
     LAST_CHUNK,
     CodecError,
@@ -28,7 +29,6 @@ from authz.proxy.http1 import (
     ResponseHead,
     ResponseParser,
     encode_chunk,
-    serialize_request_head,
 )
 from authz.proxy.lb import Endpoint
 from authz.proxy.model import ConnectionPoolSettings
@@ -44,9 +44,6 @@ __all__ = [
     "UpstreamError",
     "connect",
 ]
-
-READ_SIZE = 64 * 1024
-WRITE_HIGH_WATER = 256 * 1024  # transport buffer above which drain() waits: back-pressure to the reader
 
 
 class UpstreamError(Exception):
@@ -64,42 +61,35 @@ class Overflow(UpstreamError):
 
 
 class UpstreamConnection:
-    """One HTTP/1.1 connection to an endpoint."""
+    """One HTTP/1.1 connection to an endpoint, over a :class:`~authz.proxy.channel.Channel`."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: Endpoint, *, tls: bool
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, channel: Channel, endpoint: Endpoint, *, tls: bool) -> None:
+        self.channel = channel
         self.endpoint = endpoint
         self.tls = tls
         self.requests = 0
         self.last_used = time.monotonic()
         self.reusable = True
-        self._parser = ResponseParser()
         self._head_request = False
         self._close_delimited = False
         self._done = False
         self.peer_principal = ""
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     @property
     def closed(self) -> bool:
-        return self.writer.transport.is_closing() or self.reader.at_eof()
+        return self.channel.closed
 
     def close(self) -> None:
         self.reusable = False
-        self.writer.transport.abort() if not self.writer.transport.is_closing() else None
-
-    async def _write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        self.channel.abort()
 
     async def send(
         self,
         method: str,
         target: str,
+        authority: str,
         headers: list[tuple[str, str]],
+        *,
         length: int | None,
         read_body: Callable[[], Awaitable[bytes | None]] | None,
     ) -> ResponseHead:
@@ -108,32 +98,53 @@ class UpstreamConnection:
         self.requests += 1
         self._head_request = method == "HEAD"
         self._done = False
-        framing: list[tuple[str, str]] = []
         if read_body is not None and length is None:
-            framing.append(("transfer-encoding", "chunked"))
+            framing = "transfer-encoding: chunked\r\n"
         elif length or method in ("POST", "PUT", "PATCH"):
-            framing.append(("content-length", str(length or 0)))
+            framing = f"content-length: {length or 0}\r\n"
+        else:
+            framing = ""
+        channel = self.channel
         received_any = False
         try:
-            await self._write(serialize_request_head(method, target, headers + framing))
+            channel.write(
+                (
+                    f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n"
+                    + "".join([f"{k}: {v}\r\n" for k, v in headers])
+                    + framing
+                    + "\r\n"
+                ).encode("latin-1")
+            )
             if read_body is not None:
+                await channel.drain()
                 sent = 0
                 while (chunk := await read_body()) is not None:
                     if not chunk:
                         continue
                     sent += len(chunk)
-                    await self._write(encode_chunk(chunk) if length is None else chunk)
+                    channel.write(encode_chunk(chunk) if length is None else chunk)
+                    await channel.drain()
                 if length is None:
-                    await self._write(LAST_CHUNK)
+                    channel.write(LAST_CHUNK)
                 elif sent != length:
                     self.close()
                     raise UpstreamError("reset", "request body shorter than its Content-Length")
+            events = channel.parser.events
             while True:
-                event = await self._next_event()
+                while not events:  # the wait inlined: one coroutine frame less on every suspend/resume
+                    if channel.parser.failed:
+                        raise CodecError("parser failed")
+                    if channel.eof:
+                        raise EOFError
+                    await channel.wait()
+                event = channel.pop()
+                if event.kind == "error":
+                    assert event.error is not None
+                    raise event.error
                 received_any = True
                 if event.kind == "head":
-                    assert isinstance(event.head, ResponseHead)
                     head = event.head
+                    assert isinstance(head, ResponseHead)
                     if 100 <= head.status < 200:  # spec §3.1 (3): drop 1xx, wait for the final response
                         nxt = await self._next_event()
                         if nxt.kind != "end":
@@ -160,19 +171,32 @@ class UpstreamConnection:
             raise UpstreamError("reset", f"invalid upstream response: {exc}") from exc
 
     async def _next_event(self) -> Event:
-        parser = self._parser
-        while not parser.events:
-            if parser.failed:
+        ev = await self.channel.next_event()
+        if ev is None:
+            if self.channel.parser.failed:
                 raise CodecError("parser failed")
-            data = await self.reader.read(READ_SIZE)
-            if not data:
-                raise EOFError
-            parser.feed(data)
-        ev = parser.events.popleft()
+            raise EOFError
         if ev.kind == "error":
             assert ev.error is not None
             raise ev.error
         return ev
+
+    def poll_body(self) -> bytes | None:
+        """The next body chunk if already parsed, ``b""`` if not yet (or on trouble: :meth:`read_body` then
+        reports it), None at the end."""
+        if self._done:
+            return None
+        events = self.channel.parser.events
+        if not events:
+            return b""
+        kind = events[0].kind
+        if kind == "body":
+            return events.popleft().data
+        if kind == "end":
+            events.popleft()
+            self._done = True
+            return None
+        return b""
 
     async def read_body(self) -> bytes | None:
         """Next decoded chunk of the response body, None at its end. Raises UpstreamError on truncation."""
@@ -192,7 +216,6 @@ class UpstreamConnection:
             raise UpstreamError("reset", f"upstream body failed: {exc}") from exc
         if ev.kind == "end":
             self._done = True
-            self.last_used = time.monotonic()
             return None
         return ev.data
 
@@ -205,20 +228,22 @@ async def connect(
     expected_ids: tuple[str, ...] = (),
 ) -> UpstreamConnection:
     """Open a connection (mTLS when ``ssl_context``); check the server's SPIFFE ID is ``expected_ids``."""
+    loop = asyncio.get_running_loop()
+    channel = Channel(ResponseParser())
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
+            transport, _ = await loop.create_connection(
+                lambda: channel,
                 endpoint.address,
                 endpoint.port,
                 ssl=ssl_context,
                 server_hostname=endpoint.address if ssl_context is not None else None,
-                limit=READ_SIZE,
             )
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise UpstreamError("connect_failure", f"connect to {endpoint.key} failed: {exc}") from exc
-    conn = UpstreamConnection(reader, writer, endpoint, tls=ssl_context is not None)
+    conn = UpstreamConnection(channel, endpoint, tls=ssl_context is not None)
     if ssl_context is not None:
-        ssl_object = writer.get_extra_info("ssl_object")
+        ssl_object = transport.get_extra_info("ssl_object")
         principal = spiffe_id_of(ssl_object.getpeercert() if ssl_object is not None else None)
         if not principal or (expected_ids and principal not in expected_ids):
             conn.close()
@@ -361,6 +386,15 @@ class UpstreamBody:
         except UpstreamError:
             self._finish(ok=False)
             raise
+        if data is None:
+            self._finish(ok=True)
+        return data
+
+    def poll(self) -> bytes | None:
+        conn = self._conn
+        if conn is None:
+            return None
+        data = conn.poll_body()
         if data is None:
             self._finish(ok=True)
         return data

@@ -130,6 +130,8 @@ class Sidecar:
         self.inbound: Listener | None = None
         self.outbound: Listener | None = None
         self.admin: Listener | None = None
+        self._allow_all = isinstance(self.authorizer, AllowAll)  # mode none: no request to build, no check
+        self._authz_results = {r: self.metrics.authz.labels(r) for r in ("allow", "deny", "error")}
 
     # -- configuration -------------------------------------------------------------------------------------
     def _load_identity(self, config: SidecarConfig) -> None:
@@ -231,36 +233,37 @@ class Sidecar:
     ) -> ProxyResponse:
         gen = self._gen
         s = gen.config.settings
-        rid = request_id(req.header("x-request-id"))
+        rid = self._request_id(req)
         info.request_id = rid
-        req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"] + [("x-request-id", rid)]
-        source = Peer(conn.peer_address, conn.peer_port, conn.peer.principal, conn.peer.certificate)
-        destination = Peer(conn.local_address, conn.local_port, s.spiffe_id if conn.tls else "")
-        request = build_request(
-            method=req.method,
-            authority=req.authority,
-            target=req.target,
-            headers=req.headers,
-            scheme=req.scheme,
-            protocol=f"HTTP/{req.version}",
-            source=source,
-            destination=destination,
-            request_id=rid,
-        )
-        try:
-            decision = await self.authorizer.check(request, self.workload)
-        except Exception as exc:  # fail closed unless told otherwise (Envoy failure_mode_allow)
-            log.warning("authorizer failed: %s", exc)
-            self.metrics.authz.labels("error").inc()
-            if not s.authorizer.fail_open:
-                info.flags.add("UAEX")
-                return deny_response(
-                    error_decision("authorization service unavailable", s.authorizer.status_on_error)
-                )
-            decision = None
+        decision = None
+        if self._allow_all:
+            self._authz_results["allow"].inc()
+        else:
+            source, destination = self._peers(gen, conn)
+            request = build_request(
+                method=req.method,
+                authority=req.authority,
+                target=req.target,
+                headers=req.headers,
+                scheme=req.scheme,
+                protocol=f"HTTP/{req.version}",
+                source=source,
+                destination=destination,
+                request_id=rid,
+            )
+            try:
+                decision = await self.authorizer.check(request, self.workload)
+            except Exception as exc:  # fail closed unless told otherwise (Envoy failure_mode_allow)
+                log.warning("authorizer failed: %s", exc)
+                self._authz_results["error"].inc()
+                if not s.authorizer.fail_open:
+                    info.flags.add("UAEX")
+                    return deny_response(
+                        error_decision("authorization service unavailable", s.authorizer.status_on_error)
+                    )
         response_headers: list[tuple[str, str]] = []
         if decision is not None:
-            self.metrics.authz.labels("allow" if decision.allowed else "deny").inc()
+            self._authz_results["allow" if decision.allowed else "deny"].inc()
             if not decision.allowed:
                 info.flags.add("UAEX")
                 return deny_response(decision)
@@ -270,8 +273,30 @@ class Sidecar:
             return local_response(404, "no local application configured")
         info.route_name = "inbound"
         response = await gen.inbound.forward(req, info, retry=None, replayable=False)
-        response.headers.extend(response_headers)
+        if response_headers:
+            response.headers.extend(response_headers)
         return response
+
+    @staticmethod
+    def _request_id(req: ProxyRequest) -> str:
+        """Keep the client's ``x-request-id`` when it is one sane value, else set a fresh one."""
+        given = [v for k, v in req.headers if k == "x-request-id"]
+        rid = request_id(",".join(given) if given else None)
+        if len(given) != 1 or rid != given[0]:
+            req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"]
+            req.headers.append(("x-request-id", rid))
+        return rid
+
+    def _peers(self, gen: _Generation, conn: ConnectionInfo) -> tuple[Peer, Peer]:
+        """Source and destination peers of a connection, built once per connection and generation."""
+        cached = conn.cache.get("peers")
+        if cached is not None and cached[0] is gen:
+            return cached[1], cached[2]
+        source = Peer(conn.peer_address, conn.peer_port, conn.peer.principal, conn.peer.certificate)
+        spiffe_id = gen.config.settings.spiffe_id if conn.tls else ""
+        destination = Peer(conn.local_address, conn.local_port, spiffe_id)
+        conn.cache["peers"] = (gen, source, destination)
+        return source, destination
 
     # -- outbound: route, fault, weighted pick, retries/timeouts, mirror ----------------------------------
     async def _handle_outbound(
@@ -325,15 +350,15 @@ class Sidecar:
         if route.mirrors and replayable:
             primary_summary = self._mirror(gen, route, req, original, info)
         hash_key = req.header(cluster.lb.hash_header) if cluster.lb.hash_header else None
+        forward = cluster.forward(
+            req, info, retry=route.retries if replayable else None, replayable=replayable, hash_key=hash_key
+        )
         try:
-            async with asyncio.timeout(route.timeout):
-                response = await cluster.forward(
-                    req,
-                    info,
-                    retry=route.retries if replayable else None,
-                    replayable=replayable,
-                    hash_key=hash_key,
-                )
+            if route.timeout is None:  # Istio's default: no route timeout (IST route.go Notimeout)
+                response = await forward
+            else:
+                async with asyncio.timeout(route.timeout):
+                    response = await forward
         except TimeoutError:
             info.flags.add("UT")
             response = local_response(504, "upstream request timeout")
@@ -433,23 +458,23 @@ class Sidecar:
     # -- telemetry -----------------------------------------------------------------------------------------
     def _record(self, reporter: str, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo) -> None:
         duration_ms = (time.monotonic() - info.start) * 1000
-        flags = ",".join(sorted(info.flags)) or "-"
-        labels = {
-            "reporter": reporter,
-            "source_workload_namespace": self.workload.namespace if reporter == "source" else "unknown",
-            "source_principal": conn.peer.principal or "unknown",
-            "destination_service": req.authority or "unknown",
-            "destination_workload_namespace": self.workload.namespace
-            if reporter == "destination"
-            else "unknown",
-            "request_protocol": "http",
-            "response_code": str(info.status or 0),
-            "response_flags": flags,
-            "connection_security_policy": ("mutual_tls" if conn.tls else "none")
-            if reporter == "destination"
-            else "unknown",
-        }
-        self.metrics.record(labels, duration_ms)
+        flags = ",".join(sorted(info.flags)) if info.flags else "-"
+        namespace = self.workload.namespace
+        source = reporter == "source"
+        self.metrics.record_values(
+            (
+                reporter,
+                namespace if source else "unknown",
+                conn.peer.principal or "unknown",
+                req.authority or "unknown",
+                "unknown" if source else namespace,
+                "http",
+                str(info.status or 0),
+                flags,
+                "unknown" if source else ("mutual_tls" if conn.tls else "none"),
+            ),
+            duration_ms,
+        )
         if self.config.settings.access_log:
             access_log.info(
                 access_log_line(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from typing import IO, Any
 from authz.config import load_mesh_config
 from authz.decision_log import DecisionLog
 from authz.errors import ConfigError, ConfigErrors
+from authz.eventloop import run as run_loop
 from authz.identity import PeerTrust
 from authz.request import Workload
 from authz.server.app import DEFAULT_ADMIN, DEFAULT_GRPC, DEFAULT_HTTP, ServeOptions, Server
@@ -142,7 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"authz serve: refusing to start, the configuration has errors:\n{exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(server.serve_forever())
+        run_loop(server.serve_forever())
     except OSError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         return 1

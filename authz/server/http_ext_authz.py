@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
@@ -58,7 +58,23 @@ TRUSTED_HEADERS = (
     H_LABELS,
 )
 TRUSTED_VALUE_MARKER = "+"
+_TRUSTED_SET = frozenset(TRUSTED_HEADERS)
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "expect"})
+# Header names as they arrive -> (lower-case name, kind). Envoy sends the same few dozen names on every
+# check, so decoding and classifying each once saves work per header; bounded against junk names.
+_PLAIN, _HOP, _TRUSTED = 0, 1, 2
+_NAMES: dict[bytes, tuple[str, int]] = {}
+MAX_CACHED_NAMES = 2048
+
+
+def _classify(name: bytes) -> tuple[str, int]:
+    key = name.decode("ascii").lower()  # llhttp admits only token characters in names
+    kind = _HOP if key in _HOP_HEADERS else _TRUSTED if key in _TRUSTED_SET else _PLAIN
+    if len(_NAMES) < MAX_CACHED_NAMES:
+        _NAMES[name] = (key, kind)
+    return key, kind
+
+
 # A check request carries no body unless Envoy is configured to buffer one; cap what we accept.
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -89,31 +105,44 @@ def build_request(
     *,
     peer: tuple[str, int],
     settings: HttpCheckSettings,
+    trusted: Mapping[str, str] | None = None,
 ) -> Request:
-    """Translate one HTTP check request into a :class:`Request`. Raises :class:`MalformedRequest`."""
+    """Translate one HTTP check request into a :class:`Request`. Raises :class:`MalformedRequest`.
+
+    ``trusted`` holds the ``x-authz-*`` headers (when None they are taken out of ``headers``); only
+    values carrying Envoy's ``+`` marker count, and only with ``settings.trust_envoy_headers``.
+    """
     path = raw_path
     if settings.path_prefix and path.startswith(settings.path_prefix):
         path = path[len(settings.path_prefix) :] or "/"
+    if trusted is None:
+        trusted = {name: headers.pop(name) for name in TRUSTED_HEADERS if name in headers}
     ext: dict[str, str] = {}
     src = Peer(address=peer[0], port=peer[1])
     dst = Peer()
     sni = ""
-    trusted = {name: headers.pop(name) for name in TRUSTED_HEADERS if name in headers}
     if settings.trust_envoy_headers and trusted:
         facts = {k: v[1:] for k, v in trusted.items() if v.startswith(TRUSTED_VALUE_MARKER)}
-        principal = facts.get(H_SOURCE_PRINCIPAL, "")
-        cert = facts.get(H_PEER_CERTIFICATE, "")
-        src_addr = facts.get(H_SOURCE_ADDRESS, "")
-        address, port = _split_hostport(src_addr) if src_addr else (peer[0], peer[1])
-        src = Peer(address=address, port=port, principal=principal, certificate=unquote(cert) if cert else "")
-        dst_addr = facts.get(H_DESTINATION_ADDRESS, "")
+        get = facts.get
+        cert = get(H_PEER_CERTIFICATE, "")
+        src_addr = get(H_SOURCE_ADDRESS, "")
+        address, port = _split_hostport(src_addr) if src_addr else peer
+        src = Peer(
+            address=address,
+            port=port,
+            principal=get(H_SOURCE_PRINCIPAL, ""),
+            certificate=unquote(cert) if cert else "",
+        )
+        dst_addr = get(H_DESTINATION_ADDRESS, "")
         d_address, d_port = _split_hostport(dst_addr) if dst_addr else ("", 0)
-        dst = Peer(address=d_address, port=d_port, principal=facts.get(H_DESTINATION_PRINCIPAL, ""))
-        sni = facts.get(H_SNI, "")
-        if H_NAMESPACE in facts:
-            ext["namespace"] = facts[H_NAMESPACE]
-        if H_LABELS in facts:
-            ext["labels"] = facts[H_LABELS]
+        dst = Peer(address=d_address, port=d_port, principal=get(H_DESTINATION_PRINCIPAL, ""))
+        sni = get(H_SNI, "")
+        namespace = get(H_NAMESPACE)
+        if namespace is not None:
+            ext["namespace"] = namespace
+        labels = get(H_LABELS)
+        if labels is not None:
+            ext["labels"] = labels
     host = headers.get("host", "")
     headers[":authority"] = host
     headers[":method"] = method
@@ -121,7 +150,8 @@ def build_request(
     return Request(
         source=src,
         destination=dst,
-        http=HttpAttributes(method=method, host=host, path=path, headers=headers),
+        # llhttp already enforced RFC 9110 token and field-value syntax on every header.
+        http=HttpAttributes(method=method, host=host, path=path, headers=headers, validated=True),
         sni=sni,
         context_extensions=ext,
     )
@@ -182,7 +212,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[str, int] = ("", 0)
         self._url = b""
-        self._headers: dict[str, str] = {}
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._header_count = 0
         self._header_bytes = 0
         self._body_bytes = 0
         self._error: MalformedRequest | None = None
@@ -192,8 +223,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = (str(peer[0]), int(peer[1]))
@@ -219,8 +249,9 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = {}
+        self._raw_headers = []
         self._header_bytes = 0
+        self._header_count = 0
         self._body_bytes = 0
         self._error = None
 
@@ -230,22 +261,35 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._error = MalformedRequest(f"path longer than {MAX_PATH_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._error is not None:
-            return
+        # Only collect here (a call per header from C); decoding happens once per message.
         self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADERS_BYTES or len(self._headers) >= MAX_HEADER_COUNT:
-            self._error = MalformedRequest("request headers too large")
-            return
+        self._header_count += 1
+        if self._header_bytes <= MAX_HEADERS_BYTES and self._header_count <= MAX_HEADER_COUNT:
+            self._raw_headers.append((name, value))  # past a limit, keep counting but stop storing
+
+    def _decode_headers(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Lower-case names, UTF-8 values, duplicates joined with ``,``; the ``x-authz-*`` apart."""
+        raw = self._raw_headers
+        if self._header_bytes > MAX_HEADERS_BYTES or self._header_count > MAX_HEADER_COUNT:
+            raise MalformedRequest("request headers too large")
+        headers: dict[str, str] = {}
+        trusted: dict[str, str] = {}
+        names = _NAMES
         try:
-            key = name.decode("ascii").lower()
-            text = value.decode("utf-8")
+            for name, value in raw:
+                known = names.get(name)
+                if known is None:
+                    known = _classify(name)
+                key, kind = known
+                if kind == _HOP:
+                    continue
+                text = value.decode("utf-8")
+                target = trusted if kind == _TRUSTED else headers
+                prev = target.get(key)
+                target[key] = text if prev is None else f"{prev},{text}"
         except UnicodeDecodeError:
-            self._error = MalformedRequest("header is not valid UTF-8")
-            return
-        if key in _HOP_HEADERS:
-            return
-        prev = self._headers.get(key)
-        self._headers[key] = text if prev is None else f"{prev},{text}"
+            raise MalformedRequest("header is not valid UTF-8") from None
+        return headers, trusted
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -261,7 +305,10 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             try:
                 method = self._parser.get_method().decode("ascii")
                 path = self._url.decode("utf-8")
-                item = build_request(method, path, self._headers, peer=self._peer, settings=self._settings)
+                headers, trusted = self._decode_headers()
+                item = build_request(
+                    method, path, headers, peer=self._peer, settings=self._settings, trusted=trusted
+                )
             except UnicodeDecodeError:
                 item = MalformedRequest("path is not valid UTF-8")
             except MalformedRequest as exc:

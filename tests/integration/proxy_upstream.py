@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-__all__ = ["Action", "Recorded", "Upstream", "echo"]
+__all__ = ["Action", "Recorded", "ThreadedUpstream", "Upstream", "echo"]
 
 
 @dataclass
@@ -211,3 +211,64 @@ async def raw_exchange(
     finally:
         writer.close()
     return out
+
+
+class ThreadedUpstream:
+    """A thread-backed HTTP/1.1 upstream (stdlib ``http.server``, another parser again) that records the
+    request line and raw header list of every request. Shared by a real Envoy and our proxy in the oracle
+    tests: it runs outside the test's event loop, so either can reach it while the loop waits.
+
+    ``/status/<code>`` answers that status (no body for 204/304); ``/hop-response`` answers with hop-by-hop
+    fields; anything else answers 200 with a short body.
+    """
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen: list[tuple[str, str, list[tuple[str, str]]]] = []
+        self.seen = seen
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _reply(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                seen.append((self.command, self.path, [(k.lower(), v) for k, v in self.headers.items()]))
+                status, headers, body = 200, [("content-type", "text/plain")], b"upstream-body"
+                if self.path.startswith("/status/"):
+                    status = int(self.path.split("/")[2])
+                    body = b"" if status in (204, 304) else b"status-body"
+                elif self.path == "/hop-response":
+                    headers += [("connection", "x-secret"), ("x-secret", "1"), ("keep-alive", "timeout=5")]
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                if status not in (204, 304):
+                    self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD" and status not in (204, 304):
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = _reply
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> ThreadedUpstream:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

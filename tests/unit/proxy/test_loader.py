@@ -176,3 +176,14 @@ def test_shipped_example_loads() -> None:
     assert [d.weight for d in canary.destinations] == [90, 10]
     assert canary.mirrors[0].percent == 5.0
     assert cfg.mesh.peer_authentications[0].mode == "STRICT"
+
+
+def test_proxy_config_with_another_api_version_is_an_error_not_ignored() -> None:
+    from authz.errors import ConfigErrors
+    from authz.proxy.loader import parse_resources
+    from authz.resources import parse_documents
+
+    text = "apiVersion: proxy.example/v9\nkind: ProxyConfig\nmetadata: {name: p}\nspec: {}\n"
+    with pytest.raises(ConfigErrors) as info:
+        parse_resources(parse_documents(text, "p.yaml"))
+    assert "p.yaml:1: apiVersion: ProxyConfig" in str(info.value.errors[0])
