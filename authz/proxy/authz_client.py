@@ -72,6 +72,7 @@ def build_request(
             protocol=protocol,
             headers=joined_headers(headers),
             id=request_id,
+            validated=True,  # authz.proxy.http1 (llhttp + our checks) already refused malformed requests
         ),
         remote_ip=source.address,
     )
