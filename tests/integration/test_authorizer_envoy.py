@@ -21,7 +21,7 @@ from authz.envoy import SidecarSpec, sidecar_bootstrap
 from authz.idp import Idp, running_idp
 from authz.request import HttpAttributes, Request
 from authz.server.app import ServeOptions, Server
-from tests.integration.envoy_harness import echo_upstream, envoy_binary, run_envoy
+from tests.integration.envoy_harness import echo_upstream, envoy_binary, free_port, run_envoy
 from tests.integration.loop_thread import loop_thread
 
 pytestmark = [
@@ -180,14 +180,6 @@ def test_decision_table_is_the_same_in_both_modes(envoy: dict[str, Any], authori
     assert not failures, "\n".join(failures)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _api_request(token: str) -> Request:
     return Request(
         http=HttpAttributes(
@@ -200,7 +192,7 @@ def _api_request(token: str) -> Request:
 def test_idp_down_at_start_recovers_by_itself(tmp_path: Path) -> None:
     """The authorizer starts and serves before the IdP is reachable; tokens of that issuer are denied
     with a reason, then accepted once the IdP is up, without a restart."""
-    port = _free_port()
+    port = free_port()
     idp = Idp.from_config(base_url=f"http://127.0.0.1:{port}")
     issuer = idp.issuer()
     token = str(issuer.mint(sub="alice", aud="orders"))

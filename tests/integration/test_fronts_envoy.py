@@ -20,7 +20,7 @@ from authz.errors import MalformedRequest
 from authz.request import Request
 from authz.server.grpc_ext_authz import AuthorizationServicer, add_to_server
 from authz.server.http_ext_authz import HttpCheckSettings, serve_http
-from tests.integration.envoy_harness import echo_upstream, envoy_binary, run_envoy
+from tests.integration.envoy_harness import echo_upstream, envoy_binary, free_port, run_envoy
 from tests.integration.loop_thread import loop_thread
 
 pytestmark = [
@@ -154,14 +154,6 @@ def test_client_cannot_forge_trusted_headers(stack: dict[str, Any]) -> None:
     assert req.context_extensions.get("namespace") == "foo"
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("mode", ["grpc", "http"])
 @pytest.mark.parametrize(("failure_mode_allow", "expected"), [(False, 403), (True, 200)])
 def test_dead_authorizer_yields_envoy_failure_mode(
@@ -171,7 +163,7 @@ def test_dead_authorizer_yields_envoy_failure_mode(
         spec = SidecarSpec(
             mode=mode,  # type: ignore[arg-type]
             app_port=upstream.server_address[1],
-            authz_port=_closed_port(),
+            authz_port=free_port(),
             failure_mode_allow=failure_mode_allow,
         )
         with run_envoy(sidecar_bootstrap(spec)) as envoy:

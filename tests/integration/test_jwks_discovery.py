@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -13,19 +12,13 @@ from authz.authn.model import JwtRule
 from authz.authn.settings import AuthnSettings
 from authz.authn.testing import JwksServer, SigningKey, jwks_document
 from authz.request import HttpAttributes, Request
+from tests.integration.envoy_harness import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def bearer(token: str) -> Request:
     return Request(http=HttpAttributes(headers={"authorization": f"Bearer {token}"}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_discovery_when_the_idp_starts_late() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from authz.request import HttpAttributes, Request
 from authz.server.app import ServeOptions, Server
-from tests.integration.envoy_harness import echo_upstream, envoy_binary, run_envoy
+from tests.integration.envoy_harness import echo_upstream, envoy_binary, free_port, run_envoy
 from tests.integration.loop_thread import loop_thread
 
 pytestmark = [pytest.mark.integration]
@@ -110,14 +109,8 @@ def test_hot_reload_swaps_good_sets_and_refuses_broken_ones(server: dict[str, An
     assert 'meshauthz_policy_reloads_total{result="error"}' in httpx.get(f"{admin}/metrics").text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serve(folder: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    ports = {"grpc": _free_port(), "http": _free_port(), "admin": _free_port()}
+    ports = {"grpc": free_port(), "http": free_port(), "admin": free_port()}
     proc = subprocess.Popen(
         [
             sys.executable,

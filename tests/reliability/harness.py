@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from authz.proxy.loader import parse_resources
 from authz.proxy.sidecar import Sidecar
 from authz.resources import parse_documents
 from authz.runtime import AuthzRuntime
-from tests.integration.envoy_harness import envoy_binary, run_envoy
+from tests.integration.envoy_harness import envoy_binary, free_port, run_envoy
 from tests.integration.loop_thread import LoopThread, loop_thread
 
 CONCURRENCY = 8  # closed-loop clients: enough to keep two cores busy, few enough to leave room for the rest
@@ -44,12 +43,6 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 
             return time.monotonic()
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the policy set ------------------------------------------------------------------------------------------
