@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,8 +27,10 @@ __all__ = [
     "StartupError",
     "free_port",
     "http_get",
+    "parse_listening_line",
     "wait_envoy",
     "wait_http_ok",
+    "wait_listening",
 ]
 
 STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL; Envoy and the authorizer exit in well under a second
@@ -211,3 +214,33 @@ def wait_envoy(proc: ManagedProcess, admin_address_path: Path, listener: str, *,
                 last = str(exc)
         time.sleep(POLL_INTERVAL_S)
     raise StartupError(f"{proc.name} not ready after {timeout_s:.0f}s ({last})")
+
+
+# What the bare check servers (bench/bare_*_check.py) print once their socket is bound.
+_LISTENING = re.compile(r"^listening on 127\.0\.0\.1:(\d{1,5})\b", re.MULTILINE)
+
+
+def parse_listening_line(text: str) -> int | None:
+    """The port of the first ``listening on 127.0.0.1:<port>`` line in ``text``, else ``None``."""
+    match = _LISTENING.search(text)
+    if match is None:
+        return None
+    port = int(match.group(1))
+    return port if 0 < port < 65536 else None
+
+
+def wait_listening(proc: ManagedProcess, *, timeout_s: float) -> int:
+    """Wait until ``proc`` logs its ``listening on 127.0.0.1:<port>`` line; return the port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            head = proc.log_path.read_text(encoding="utf-8", errors="replace")[:4096]
+        except OSError:
+            head = ""
+        port = parse_listening_line(head)
+        if port is not None:
+            return port
+        if not proc.alive():
+            raise StartupError(proc.exit_reason())
+        time.sleep(POLL_INTERVAL_S)
+    raise StartupError(f"{proc.name} did not report its port after {timeout_s:.0f}s")

@@ -3,15 +3,73 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from bench.rows import RowResult
+from bench.rows import BARE_PROCESS, RowResult
 from bench.table import fmt_ms, fmt_rate, fmt_ratio, fmt_us, ratio, render_table
 
-__all__ = ["CPU_COLUMNS", "load_table", "micro_table", "results_document"]
+__all__ = [
+    "CPU_COLUMNS",
+    "FloorRatio",
+    "floor_line",
+    "floor_ratios",
+    "load_table",
+    "micro_table",
+    "results_document",
+]
 
 # Processes whose CPU gets a column, in this order; a row without that process shows "-".
 CPU_COLUMNS = ("envoy", "authz", "proxy", "upstream", "wrk")
+# Other processes shown in a column: the bare check server of rows 3gb/3hb sits where authz serve does.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {"authz": (BARE_PROCESS,)}
+
+
+@dataclass(frozen=True)
+class FloorRatio:
+    """An ext_authz row's authorizer CPU per check over the bare check server's, same protocol, same run."""
+
+    row: str
+    floor: str
+    authz_us: float
+    floor_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.authz_us / self.floor_us
+
+
+def floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
+    """For every measured ext_authz row (3g*, 3h*) whose protocol's floor row (3gb, 3hb) was measured in the
+    same run: ``authz us / bare us`` (median CPU µs per request of each). Rows or floors that are not
+    ``ok``, or lack a CPU number, are left out rather than given a made-up ratio."""
+    floors = {r.spec.mode: r for r in results if r.status == "ok" and r.spec.kind == "bare_ext_authz"}
+    out: list[FloorRatio] = []
+    for r in results:
+        if r.status != "ok" or r.spec.kind != "ext_authz" or r.spec.mode not in floors:
+            continue
+        floor = floors[r.spec.mode]
+        authz_us, floor_us = r.cpu_us("authz"), floor.cpu_us(BARE_PROCESS)
+        if authz_us is None or floor_us is None or floor_us <= 0:
+            continue
+        out.append(FloorRatio(r.spec.id, floor.spec.id, authz_us, floor_us))
+    return out
+
+
+def floor_line(f: FloorRatio) -> str:
+    """``3hw1: authz CPU per check vs the bare floor of its protocol (3hb): 2.31x (138 us / 60 us)``."""
+    return (
+        f"{f.row}: authz CPU per check vs the bare floor of its protocol ({f.floor}): {f.ratio:.2f}x "
+        f"({fmt_us(f.authz_us)} us / {fmt_us(f.floor_us)} us)"
+    )
+
+
+def _column_cpu(r: RowResult, column: str) -> float | None:
+    for process in (column, *COLUMN_ALIASES.get(column, ())):
+        value = r.cpu_us(process)
+        if value is not None:
+            return value
+    return None
 
 
 def _anchor_rates(results: Sequence[RowResult]) -> dict[str, float | None]:
@@ -47,7 +105,7 @@ def load_table(results: Sequence[RowResult], *, duration_s: float, repeat: int, 
                 fmt_ms(r.p50_ms),
                 fmt_ms(r.p99_ms),
                 "-" if errors is None else f"{errors * 100:.1f}",
-                *(fmt_us(r.cpu_us(name)) for name in CPU_COLUMNS),
+                *(fmt_us(_column_cpu(r, name)) for name in CPU_COLUMNS),
                 vs,
             ]
         )
@@ -57,8 +115,13 @@ def load_table(results: Sequence[RowResult], *, duration_s: float, repeat: int, 
         "This 2-core machine is shared and noisy: compare ratios and CPU us/request, not absolute req/s.",
         "<process> us = CPU us per request: utime+stime delta of its process tree (/proc/<pid>/stat,",
         "  children included) / requests; upstream = the direct_response Envoy, wrk = the load generator.",
+        "  In rows 3gb/3hb the authz column is the bare check server (allows all): the protocol's floor.",
         "vs anchor = req/s / the anchor row's req/s (1 for 2a, 2b, 4a; 2a for rows 3; 2b for 4b, 4c).",
     ]
+    ratios = floor_ratios(results)
+    if ratios:
+        notes.append("Target: warm 1-worker rows within 1.5x of the floor (authz us / bare us, this run):")
+        notes.extend(floor_line(f) for f in ratios)
     return render_table(headers, rows, right_align=range(2, len(headers) - 1), notes=notes)
 
 
@@ -86,11 +149,23 @@ def results_document(
 ) -> dict[str, Any]:
     """What ``bench/results/latest.json`` holds: run metadata, every row (runs and medians), micro results."""
     anchors = _anchor_rates(results)
+    floors = {f.row: f for f in floor_ratios(results)}
     rows = []
     for r in results:
         doc = r.to_json()
         doc["ratio_to_anchor"] = (
             ratio(r.requests_per_s, anchors.get(r.spec.anchor)) if r.spec.anchor else None
+        )
+        floor = floors.get(r.spec.id)
+        doc["cpu_vs_floor"] = (
+            None
+            if floor is None
+            else {
+                "floor": floor.floor,
+                "authz_us": floor.authz_us,
+                "floor_us": floor.floor_us,
+                "ratio": floor.ratio,
+            }
         )
         rows.append(doc)
     return {"meta": dict(meta), "rows": rows, "micro": dict(micro)}

@@ -19,12 +19,22 @@ from typing import Literal
 
 from bench import configs
 from bench.measure import RunMeasurement, run_measured
-from bench.processes import ProcessSet, StartupError, free_port, http_get, wait_envoy, wait_http_ok
+from bench.processes import (
+    ProcessSet,
+    StartupError,
+    free_port,
+    http_get,
+    wait_envoy,
+    wait_http_ok,
+    wait_listening,
+)
 from bench.table import median_or_none
 from bench.tokens import SigningKey, mint_tokens
 from bench.wrk import lua_script, wrk_command
 
 __all__ = [
+    "BARE_PROCESS",
+    "BARE_SERVER_SCRIPTS",
     "QUICK_ROWS",
     "ROWS",
     "BenchContext",
@@ -33,16 +43,25 @@ __all__ = [
     "RowSkipped",
     "RowSpec",
     "authz_command",
+    "bare_server_command",
     "check_enforcement",
     "run_row",
     "select_rows",
     "start_envoy",
 ]
 
-Kind = Literal["envoy", "native", "ext_authz", "proxy"]
+Kind = Literal["envoy", "native", "ext_authz", "bare_ext_authz", "proxy"]
 
 ENVOY_STARTUP_S = 20.0
 AUTHZ_STARTUP_S = 40.0  # N workers each import the engine and compile the policies
+BARE_STARTUP_S = 20.0  # the bare check servers import grpc or httptools and bind; well under a second
+# The bare check servers (rows 3gb, 3hb): the floor of each ext_authz protocol, started as scripts.
+BARE_SERVER_SCRIPTS = {
+    "grpc": Path(__file__).resolve().with_name("bare_grpc_check.py"),
+    "http": Path(__file__).resolve().with_name("bare_http_check.py"),
+}
+# The process name a bare server's CPU is accounted under (the authz column of the table shows it).
+BARE_PROCESS = "bare"
 MAX_ERROR_FRACTION = 0.01  # more failed responses than this and the row's numbers are not comparable
 
 
@@ -64,6 +83,18 @@ class RowSpec:
 def _ext_rows() -> list[RowSpec]:
     out = []
     for mode, letter in (("grpc", "g"), ("http", "h")):
+        # The floor of the protocol first: same Envoy bootstrap, a check server with no logic (allows all).
+        server = "grpc.aio" if mode == "grpc" else "httptools"
+        out.append(
+            RowSpec(
+                id=f"3{letter}b",
+                title=f"Envoy + bare {server} check server (allow all)",
+                kind="bare_ext_authz",
+                anchor="2a",
+                mode=mode,  # type: ignore[arg-type]
+                auth=False,
+            )
+        )
         for workers in (1, 2):
             for cold in (False, True):
                 out.append(
@@ -92,7 +123,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("4b", "bundled proxy + in-process authz, warm tokens", "proxy", anchor="2b"),
     RowSpec("4c", "bundled proxy + in-process authz, cold tokens", "proxy", anchor="2b", cold=True),
 )
-QUICK_ROWS = ("1", "2a", "2b", "3gw1", "3hw1", "4a", "4b")
+QUICK_ROWS = ("1", "2a", "2b", "3gb", "3gw1", "3hb", "3hw1", "4a", "4b")
 
 
 def select_rows(selectors: Sequence[str], rows: Sequence[RowSpec] = ROWS) -> list[RowSpec]:
@@ -285,6 +316,17 @@ def _start_authz(ctx: BenchContext, procs: ProcessSet, workers: int) -> tuple[in
     return grpc_port, http_port, proc.pid
 
 
+def bare_server_command(mode: Literal["grpc", "http"], port: int = 0) -> list[str]:
+    """argv of the bare check server of ``mode`` (``bench/bare_{grpc,http}_check.py``) on 127.0.0.1."""
+    return [sys.executable, str(BARE_SERVER_SCRIPTS[mode]), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def _start_bare(procs: ProcessSet, mode: Literal["grpc", "http"]) -> tuple[int, int]:
+    """The bare check server of ``mode`` on a port-0 socket; returns (port, pid)."""
+    proc = procs.start(f"bare-{mode}", bare_server_command(mode))
+    return wait_listening(proc, timeout_s=BARE_STARTUP_S), proc.pid
+
+
 def _start_proxy(ctx: BenchContext, procs: ProcessSet, spec: RowSpec) -> tuple[int, int]:
     """``authz proxy --config FILE`` in front of the upstream; returns (inbound port, pid)."""
     inbound, admin = free_port(), free_port()
@@ -347,6 +389,14 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
         port, pid = start_envoy(ctx, procs, "envoy", boot, "ingress")
         tracked["envoy"] = pid
         tracked["authz"] = authz_pid
+    elif spec.kind == "bare_ext_authz":
+        # No auth to prove: Envoy's ext_authz has failure_mode_allow false and status_on_error 403, so the
+        # 200 that check_enforcement requires can only come from the bare server having answered OK.
+        bare_port, bare_pid = _start_bare(procs, spec.mode)
+        boot = configs.ext_authz_bootstrap(spec.mode, upstream_port=ctx.upstream_port, authz_port=bare_port)
+        port, pid = start_envoy(ctx, procs, "envoy", boot, "ingress")
+        tracked["envoy"] = pid
+        tracked[BARE_PROCESS] = bare_pid
     else:
         port, pid = _start_proxy(ctx, procs, spec)
         tracked["proxy"] = pid

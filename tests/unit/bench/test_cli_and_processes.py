@@ -107,6 +107,8 @@ def test_every_module_exports_what_it_defines_publicly() -> None:
     import inspect
 
     for name in (
+        "bare_grpc_check",
+        "bare_http_check",
         "cli",
         "configs",
         "measure",

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from bench.measure import RunMeasurement
-from bench.report import load_table, micro_table, results_document
-from bench.rows import QUICK_ROWS, ROWS, RowResult, RowSpec, select_rows
+from bench.report import FloorRatio, floor_line, floor_ratios, load_table, micro_table, results_document
+from bench.rows import BARE_PROCESS, QUICK_ROWS, ROWS, RowResult, RowSpec, select_rows
 from bench.wrk import WrkResult
 
 
@@ -39,10 +39,23 @@ def test_row_three_covers_grpc_http_warm_cold_one_and_two_workers() -> None:
     }
 
 
+def test_the_floor_rows_one_per_protocol_before_their_protocol_rows() -> None:
+    bare = [r for r in ROWS if r.kind == "bare_ext_authz"]
+    assert [(r.id, r.mode) for r in bare] == [("3gb", "grpc"), ("3hb", "http")]
+    for r in bare:
+        assert not r.auth and not r.cold and r.workers == 1 and r.anchor == "2a"
+        protocol_rows = [x.id for x in ROWS if x.kind == "ext_authz" and x.mode == r.mode]
+        order = [x.id for x in ROWS]
+        assert all(order.index(r.id) < order.index(x) for x in protocol_rows)
+    assert {"3gb", "3hb", "3gw1", "3hw1"} <= set(QUICK_ROWS)
+
+
 def test_selection_by_prefix_keeps_table_order() -> None:
-    assert ids(select_rows(["3h", "1"])) == ["1", "3hw1", "3hc1", "3hw2", "3hc2"]
+    assert ids(select_rows(["3h", "1"])) == ["1", "3hb", "3hw1", "3hc1", "3hw2", "3hc2"]
     assert ids(select_rows(["2a", "2a", " 2b "])) == ["2a", "2b"]
-    assert len(select_rows(["3"])) == 8
+    assert len(select_rows(["3"])) == 10
+    assert ids(select_rows(["3hw1", "3gb", "3hb", "3gw1"])) == ["3gb", "3gw1", "3hb", "3hw1"]
+    assert ids(select_rows(["3gb"])) == ["3gb"]
     assert select_rows([]) == []
 
 
@@ -136,3 +149,83 @@ def test_micro_table() -> None:
     assert lines[0] == "JWT"
     assert lines[3].split() == ["RS256", "cold", "41", "63", "7000"]
     assert lines[4] == "ES256: skipped: ImportError: nope"
+
+
+def floor_results() -> list[RowResult]:
+    return [
+        RowResult(SPEC["3gb"], "ok", runs=[run(5000, cpu={"envoy": 90.0, BARE_PROCESS: 100.0})]),
+        RowResult(SPEC["3gw1"], "ok", runs=[run(3000, cpu={"envoy": 95.0, "authz": 150.0})]),
+        RowResult(SPEC["3gc1"], "ok", runs=[run(900, cpu={"authz": 900.0})]),
+        RowResult(
+            SPEC["3hb"], "ok", runs=[run(6000, cpu={BARE_PROCESS: 40.0}), run(6000, cpu={BARE_PROCESS: 60.0})]
+        ),
+        RowResult(SPEC["3hw1"], "ok", runs=[run(4000, cpu={"authz": 110.0})]),
+        RowResult(SPEC["3hw2"], "failed", "10% errors", runs=[run(4000, cpu={"authz": 1.0})]),
+    ]
+
+
+def test_floor_ratio_is_authz_cpu_over_the_bare_cpu_of_the_same_protocol() -> None:
+    ratios = {f.row: f for f in floor_ratios(floor_results())}
+    assert set(ratios) == {"3gw1", "3gc1", "3hw1"}  # failed rows and the floors themselves get none
+    assert ratios["3gw1"] == FloorRatio("3gw1", "3gb", 150.0, 100.0)
+    assert ratios["3gw1"].ratio == pytest.approx(1.5)
+    assert ratios["3gc1"].ratio == pytest.approx(9.0)
+    assert ratios["3hw1"].floor == "3hb"
+    assert ratios["3hw1"].ratio == pytest.approx(110.0 / 50.0)  # the floor's median over its runs
+
+
+def test_no_floor_no_ratio() -> None:
+    results = floor_results()
+    without_http_floor = [r for r in results if r.spec.id != "3hb"]
+    assert [f.row for f in floor_ratios(without_http_floor)] == ["3gw1", "3gc1"]
+    floor_failed = [
+        RowResult(SPEC["3gb"], "failed", "x", r.runs) if r.spec.id == "3gb" else r for r in results
+    ]
+    assert [f.row for f in floor_ratios(floor_failed)] == ["3hw1"]
+    zero_cpu = [RowResult(SPEC["3gb"], "ok", runs=[run(10, cpu={BARE_PROCESS: 0.0})]), results[1]]
+    assert floor_ratios(zero_cpu) == []
+    no_authz_cpu = [results[0], RowResult(SPEC["3gw1"], "ok", runs=[run(10, cpu={"envoy": 1.0})])]
+    assert floor_ratios(no_authz_cpu) == []
+
+
+def test_floor_line_says_the_target_sentence() -> None:
+    line = floor_line(FloorRatio("3hw1", "3hb", 138.2, 60.0))
+    assert line == "3hw1: authz CPU per check vs the bare floor of its protocol (3hb): 2.30x (138 us / 60 us)"
+    assert "1.00x (9.5 us / 9.5 us)" in floor_line(FloorRatio("3gw1", "3gb", 9.5, 9.5))
+
+
+def test_load_table_shows_the_floor_cpu_in_the_authz_column_and_the_ratios_under_it() -> None:
+    text = load_table(floor_results(), duration_s=5, repeat=1, connections=32)
+    lines = text.splitlines()
+    header = lines[0]
+    authz_col = header.index("authz us") + len("authz us")  # right-aligned: cells end where the header ends
+    closing_rule = lines.index(lines[1], 2)
+    row = {line.split()[0]: line for line in lines[2:closing_rule]}
+    assert row["3gb"][:authz_col].endswith(" 100")
+    assert row["3hb"][:authz_col].endswith(" 50")
+    assert row["3gw1"][:authz_col].endswith(" 150")
+    notes = lines[closing_rule + 1 :]
+    ratio_lines = [n for n in notes if "bare floor of its protocol" in n]
+    assert ratio_lines == [
+        "3gw1: authz CPU per check vs the bare floor of its protocol (3gb): 1.50x (150 us / 100 us)",
+        "3gc1: authz CPU per check vs the bare floor of its protocol (3gb): 9.00x (900 us / 100 us)",
+        "3hw1: authz CPU per check vs the bare floor of its protocol (3hb): 2.20x (110 us / 50 us)",
+    ]
+    assert any("1.5x" in n for n in notes)
+    # Without floor rows: no ratio lines at all.
+    plain = load_table(sample_results(), duration_s=5, repeat=1, connections=32)
+    assert "bare floor" not in plain
+
+
+def test_results_document_carries_the_floor_ratio() -> None:
+    back = json.loads(json.dumps(results_document(floor_results(), {}, {})))
+    by_id = {r["id"]: r for r in back["rows"]}
+    assert by_id["3gw1"]["cpu_vs_floor"] == {
+        "floor": "3gb",
+        "authz_us": 150.0,
+        "floor_us": 100.0,
+        "ratio": 1.5,
+    }
+    assert by_id["3gb"]["cpu_vs_floor"] is None
+    assert by_id["3hw2"]["cpu_vs_floor"] is None
+    assert by_id["3gb"]["median"]["cpu_us_per_request"] == {"envoy": 90.0, BARE_PROCESS: 100.0}
