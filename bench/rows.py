@@ -291,8 +291,10 @@ def start_envoy(
     return port, proc.pid
 
 
-def _start_authz(ctx: BenchContext, procs: ProcessSet, workers: int) -> tuple[int, int, int]:
-    """``authz serve`` on the bench policy folder; returns (grpc port, http port, pid)."""
+def _start_authz(ctx: BenchContext, procs: ProcessSet, workers: int, mode: str) -> tuple[int, int, int]:
+    """``authz serve`` on the bench policy folder, serving only ``mode`` (as a deployment that chose a
+    protocol would: the process then also picks its event loop for it); returns (grpc port, http port, pid).
+    """
     grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
     argv = [
         *authz_command(),
@@ -300,9 +302,9 @@ def _start_authz(ctx: BenchContext, procs: ProcessSet, workers: int) -> tuple[in
         "--policies",
         str(ctx.policy_dir()),
         "--grpc",
-        f"127.0.0.1:{grpc_port}",
+        f"127.0.0.1:{grpc_port}" if mode == "grpc" else "off",
         "--http",
-        f"127.0.0.1:{http_port}",
+        f"127.0.0.1:{http_port}" if mode == "http" else "off",
         "--admin",
         f"127.0.0.1:{admin_port}",
     ]
@@ -380,7 +382,7 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
         port, pid = start_envoy(ctx, procs, "envoy", boot, "ingress")
         tracked["envoy"] = pid
     elif spec.kind == "ext_authz":
-        grpc_port, http_port, authz_pid = _start_authz(ctx, procs, spec.workers)
+        grpc_port, http_port, authz_pid = _start_authz(ctx, procs, spec.workers, spec.mode)
         boot = configs.ext_authz_bootstrap(
             spec.mode,
             upstream_port=ctx.upstream_port,

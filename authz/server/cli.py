@@ -142,7 +142,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"authz serve: refusing to start, the configuration has errors:\n{exc}", file=sys.stderr)
         return 2
     try:
-        run_loop(server.serve_forever())
+        # grpc.aio costs more on uvloop; only a gRPC-only process runs on asyncio's loop (authz.eventloop).
+        grpc_only = options.grpc_addr is not None and options.http_addr is None
+        run_loop(server.serve_forever(), uvloop_preferred=not grpc_only)
     except OSError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         return 1
