@@ -60,7 +60,8 @@ def build_request(
     destination: Peer,
     request_id: str,
 ) -> Request:
-    """The :class:`authz.request.Request` for an inbound HTTP request (raw path; headers joined)."""
+    """The :class:`authz.request.Request` for an inbound HTTP request (path as the listener normalized it,
+    query kept; headers joined)."""
     return Request(
         source=source,
         destination=destination,

@@ -79,7 +79,12 @@ class Cluster:
         self.name = name
         self.endpoints = endpoints
         lbs = policy.load_balancer
-        self.lb = LoadBalancer(lbs.simple, lbs.hash_header) if lbs else LoadBalancer()
+        weighted = len({e.weight for e in endpoints}) > 1  # equal weights: the unweighted pickers, no cost
+        self.lb = (
+            LoadBalancer(lbs.simple, lbs.hash_header, weighted=weighted)
+            if lbs
+            else LoadBalancer(weighted=weighted)
+        )
         self.breaker = CircuitBreaker(policy.connection_pool or ConnectionPoolSettings())
         self.outlier = OutlierDetector(policy.outlier_detection, len(endpoints))
         self.rng = rng or random.Random()
@@ -301,7 +306,7 @@ class ClusterManager:
                 if ep.service_account
                 else ""
             )
-            e = Endpoint(ep.address, number, ep.labels, identity, tls)
+            e = Endpoint(ep.address, number, ep.labels, identity, tls, ep.weight)
             endpoints.append(e)
             if sans:
                 expected[e.key] = sans

@@ -12,8 +12,9 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_args
 
+from authz.config import PathNormalization
 from authz.errors import ConfigError, ConfigErrors
 from authz.proxy.http1 import valid_header_name, valid_header_value
 from authz.proxy.model import (
@@ -44,6 +45,8 @@ from authz.proxy.model import (
 )
 from authz.proxy.settings import (
     AuthorizerSettings,
+    ClientCertDetails,
+    ForwardClientCert,
     IdentityFiles,
     ListenerSettings,
     ProxySettings,
@@ -671,7 +674,8 @@ def _parse_service_entry(rd: _Reader) -> ServiceEntry:
                 eports,
                 rd.labels(em.get("labels"), (*ep, "labels")),
                 rd.string(em.get("serviceAccount"), (*ep, "serviceAccount")),
-                rd.integer(em.get("weight"), (*ep, "weight"), 1, lo=1),
+                # uint32; 0 = unset: istiod then leaves Envoy's load_balancing_weight unset, i.e. 1
+                rd.integer(em.get("weight"), (*ep, "weight"), 1, lo=0) or 1,
             )
         )
     if resolution == "STATIC" and not endpoints:
@@ -762,8 +766,34 @@ def _parse_proxy_config(rd: _Reader, base: Path | None) -> ProxySettings:
             for i, p in enumerate(rd.seq(am.get("policies"), ("spec", "authorizer", "policies")))
         ),
     )
+    norm_path = ("spec", "pathNormalization", "normalization")
+    norm_name = rd.string(
+        rd.mapping(spec.get("pathNormalization"), norm_path[:2]).get("normalization"), norm_path, "BASE"
+    )
+    norm_name = "BASE" if norm_name == "DEFAULT" else norm_name  # meshConfig: DEFAULT is an alias of BASE
+    if norm_name not in PathNormalization.__members__:
+        rd.fail(norm_path, "must be NONE, BASE, DEFAULT, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES")
+        norm_name = "BASE"
     wm = rd.mapping(spec.get("workload"), ("spec", "workload"))
     inbound = rd.mapping(spec.get("inbound"), ("spec", "inbound"))
+    fcc_path = ("spec", "inbound", "forwardClientCertDetails")
+    forward = rd.string(inbound.get("forwardClientCertDetails"), fcc_path, "SANITIZE_SET")
+    if forward not in get_args(ForwardClientCert):
+        rd.fail(fcc_path, f"must be one of {', '.join(get_args(ForwardClientCert))}")
+        forward = "SANITIZE_SET"
+    det_path = ("spec", "inbound", "setCurrentClientCertDetails")
+    details = rd.mapping(inbound.get("setCurrentClientCertDetails"), det_path)
+    for key in details:
+        if key not in ("subject", "uri", "dns"):
+            rd.fail((*det_path, str(key)), "supported details are subject, uri and dns")
+    # Absent: what istiod sets on sidecar inbound (Subject, URI, DNS). Given: Envoy's proto, unset = false.
+    given = inbound.get("setCurrentClientCertDetails") is not None
+    client_cert = ClientCertDetails(
+        cast(Any, forward),
+        subject=rd.boolean(details.get("subject"), (*det_path, "subject"), not given),
+        uri=rd.boolean(details.get("uri"), (*det_path, "uri"), not given),
+        dns=rd.boolean(details.get("dns"), (*det_path, "dns"), not given),
+    )
     return ProxySettings(
         namespace=rd.string(wm.get("namespace"), ("spec", "workload", "namespace"), rd.r.namespace),
         labels=rd.labels(wm.get("labels"), ("spec", "workload", "labels")),
@@ -784,6 +814,8 @@ def _parse_proxy_config(rd: _Reader, base: Path | None) -> ProxySettings:
         ),
         mirror_concurrency=rd.integer(spec.get("mirrorConcurrency"), ("spec", "mirrorConcurrency"), 64, lo=1),
         access_log=rd.boolean(spec.get("accessLog"), ("spec", "accessLog"), True),
+        client_cert=client_cert,
+        path_normalization=PathNormalization[norm_name],
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from authz.config import PathNormalization
 from authz.proxy.model import DEFAULT_TRUST_DOMAIN, MeshView
 from authz.request import EMPTY_MAP
 
@@ -13,6 +14,8 @@ __all__ = [
     "DEFAULT_MIRROR_CONCURRENCY",
     "DEFAULT_REPLAY_BUFFER_BYTES",
     "AuthorizerSettings",
+    "ClientCertDetails",
+    "ForwardClientCert",
     "IdentityFiles",
     "ListenerSettings",
     "ProxySettings",
@@ -59,6 +62,27 @@ class AuthorizerSettings:
     policy_paths: tuple[str, ...] = ()
 
 
+ForwardClientCert = Literal[
+    "SANITIZE", "FORWARD_ONLY", "APPEND_FORWARD", "SANITIZE_SET", "ALWAYS_FORWARD_ONLY"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertDetails:
+    """The inbound listener's ``x-forwarded-client-cert`` handling: Envoy HCM ``forward_client_cert_details``
+    (``forward``) and ``set_current_client_cert_details`` (``subject``, ``uri``, ``dns``).
+
+    Default ``SANITIZE_SET``: the header carries only what this sidecar verified, whatever the client sent
+    (Istio's sidecars use APPEND_FORWARD, which keeps a client's elements in front of ours). The detail flags
+    default to what istiod sets on sidecar inbound listeners: Subject, URI and DNS.
+    """
+
+    forward: ForwardClientCert = "SANITIZE_SET"
+    subject: bool = True
+    uri: bool = True
+    dns: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     """Everything about this sidecar that is not an Istio resource."""
@@ -78,6 +102,9 @@ class ProxySettings:
     replay_buffer_bytes: int = DEFAULT_REPLAY_BUFFER_BYTES
     mirror_concurrency: int = DEFAULT_MIRROR_CONCURRENCY
     access_log: bool = True
+    client_cert: ClientCertDetails = field(default_factory=ClientCertDetails)
+    path_normalization: PathNormalization = PathNormalization.BASE
+    """meshConfig ``pathNormalization.normalization``; Istio's default is BASE (DEFAULT is its alias)."""
 
     @property
     def spiffe_id(self) -> str:

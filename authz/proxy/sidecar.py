@@ -14,11 +14,12 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import generate_latest
 
 from authz.clock import Clock, monotonic_clock
-from authz.errors import AuthzError
+from authz.errors import AuthzError, MalformedRequest
 from authz.proxy.authz_client import (
     AllowAll,
     Authorizer,
@@ -42,9 +43,11 @@ from authz.proxy.metrics import ProxyMetrics
 from authz.proxy.mirror import HashingBody, Mirrorer, ResponseSummary, shadow_authority, summarize
 from authz.proxy.model import HTTPRoute, PeerAuthentication, TrafficPolicy
 from authz.proxy.mtls import client_context, server_context
+from authz.proxy.paths import PathNormalizer
 from authz.proxy.router import Router, rewrite_target
 from authz.proxy.settings import SidecarConfig
 from authz.proxy.telemetry import TRACE_HEADERS, access_log_line, child_trace_headers, request_id
+from authz.proxy.xfcc import XFCC_HEADER, ClientCertForwarding, certificate_uris
 from authz.request import Peer, Workload
 from authz.workload import selects
 
@@ -70,27 +73,41 @@ def peer_authentication_mode(
     root_namespace: str,
     port: int | None = None,
 ) -> str:
-    """Effective mTLS mode for ``workload``: workload selector > namespace > mesh (root ns) > PERMISSIVE.
+    """Effective mTLS mode for ``workload`` (and its workload ``port``), composed the way istiod's
+    ``ComposePeerAuthentication`` (``pilot/pkg/model/authentication.go``) does it: mesh (root namespace, no
+    selector), then namespace (no selector), then workload (selector) policy; a set mode overrides the one
+    before, UNSET inherits; nothing set means PERMISSIVE. Of several policies at one level the oldest wins in
+    Istio; files carry no creation time, so the first by name wins here.
 
-    UNSET inherits from the next scope up (Istio PeerAuthentication docs). ``portLevelMtls`` applies only to
-    a policy with a selector.
+    ``portLevelMtls`` is read from the workload-level policy only ("These only apply when a workload selector
+    is specified"); an UNSET port entry inherits the composed workload mode.
     """
-    workload_level = [
-        p
-        for p in policies
-        if p.selector
-        and selects(p.namespace, p.selector, workload, root_namespace=root_namespace)
-        and p.namespace == workload.namespace
-    ]
-    namespace_level = [p for p in policies if not p.selector and p.namespace == workload.namespace]
-    mesh_level = [p for p in policies if not p.selector and p.namespace == root_namespace]
-    for scope in (workload_level, namespace_level, mesh_level):
-        for p in sorted(scope, key=lambda x: x.name):
-            if port is not None and p.selector and port in p.port_level and p.port_level[port] != "UNSET":
-                return p.port_level[port]
-            if p.mode != "UNSET":
-                return p.mode
-    return "PERMISSIVE"
+
+    def first(scope: list[PeerAuthentication]) -> PeerAuthentication | None:
+        return min(scope, key=lambda p: p.name) if scope else None
+
+    mesh = first([p for p in policies if not p.selector and p.namespace == root_namespace])
+    namespace = first([p for p in policies if not p.selector and p.namespace == workload.namespace])
+    selected = first(
+        [
+            p
+            for p in policies
+            if p.selector
+            and p.namespace == workload.namespace
+            and selects(p.namespace, p.selector, workload, root_namespace=root_namespace)
+        ]
+    )
+    mode = "PERMISSIVE"
+    for p in (mesh, namespace, selected):
+        if p is not None and p.mode != "UNSET":
+            mode = p.mode
+    if selected is not None and port is not None and port in selected.port_level:
+        port_mode = selected.port_level[port]
+        return mode if port_mode == "UNSET" else port_mode
+    return mode
+
+
+_OUTBOUND_REPLACED = frozenset({"x-request-id", XFCC_HEADER, *TRACE_HEADERS})
 
 
 @dataclass(slots=True)
@@ -100,6 +117,8 @@ class _Generation:
     clusters: ClusterManager
     inbound: Cluster | None
     inbound_mode: str
+    paths: PathNormalizer
+    xfcc: ClientCertForwarding
 
 
 class Sidecar:
@@ -159,12 +178,20 @@ class Sidecar:
                 ssl_context=lambda: None, rng=self.rng, clock=self.clock,
             )  # fmt: skip
         workload = Workload(namespace=s.namespace, labels=dict(s.labels))
+        # The one inbound listener fronts the workload port ``appPort``: that is the port number
+        # ``portLevelMtls`` keys name (the workload's port, not the Service's; PeerAuthentication docs).
         mode = peer_authentication_mode(
-            config.mesh.peer_authentications, workload, root_namespace=s.root_namespace
+            config.mesh.peer_authentications,
+            workload,
+            root_namespace=s.root_namespace,
+            port=s.app_port or None,
         )
         if mode in ("STRICT", "PERMISSIVE") and s.identity is None:
             mode = "DISABLE"  # no SVID: nothing to terminate mTLS with
-        return _Generation(config, Router(config.mesh), clusters, inbound, mode)
+        paths = PathNormalizer(s.path_normalization)
+        own_uris = certificate_uris(Path(s.identity.cert).read_bytes()) if s.identity is not None else ()
+        xfcc = ClientCertForwarding(s.client_cert, own_uris)
+        return _Generation(config, Router(config.mesh), clusters, inbound, mode, paths, xfcc)
 
     @property
     def config(self) -> SidecarConfig:
@@ -233,6 +260,12 @@ class Sidecar:
     ) -> ProxyResponse:
         gen = self._gen
         s = gen.config.settings
+        try:  # the HCM normalizes before any filter: the authorizer and the app see the same path
+            req.target = gen.paths.normalize(req.target)
+        except MalformedRequest:
+            return local_response(400, "")
+        # x-forwarded-client-cert per forward_client_cert_details, before any filter sees the request
+        req.headers = gen.xfcc.apply(req.headers, conn.peer.certificate if conn.tls else "")
         rid = self._request_id(req)
         info.request_id = rid
         decision = None
@@ -303,6 +336,10 @@ class Sidecar:
         self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo
     ) -> ProxyResponse:
         gen = self._gen
+        try:  # Envoy's HCM normalizes before routing and forwards the normalized path (spec §1.8.7)
+            req.target = gen.paths.normalize(req.target)
+        except MalformedRequest:
+            return local_response(400, "")
         rid = request_id(req.header("x-request-id"))
         info.request_id = rid
         joined: dict[str, str] = {}
@@ -314,7 +351,9 @@ class Sidecar:
             return local_response(404, "")
         route = match.route
         info.route_name = route.name or match.virtual_service
-        req.headers = [(k, v) for k, v in req.headers if k != "x-request-id" and k not in TRACE_HEADERS]
+        # Replaced below, or (x-forwarded-client-cert) removed: the outbound HCM keeps Envoy's default
+        # forward_client_cert_details SANITIZE, and the app's connection is not mutual TLS anyway.
+        req.headers = [(k, v) for k, v in req.headers if k not in _OUTBOUND_REPLACED]
         req.headers += [("x-request-id", rid), *child_trace_headers(joined)]
         fault = route.fault
         if fault is not None:  # client-side faults come before routing; timeouts/retries then don't apply

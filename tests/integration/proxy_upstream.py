@@ -231,12 +231,17 @@ class ThreadedUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Head and body go out in two writes: without TCP_NODELAY each response waits ~40 ms on
+            # Nagle and the client's delayed ACK.
+            disable_nagle_algorithm = True
 
             def _reply(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 if length:
                     self.rfile.read(length)
-                seen.append((self.command, self.path, [(k.lower(), v) for k, v in self.headers.items()]))
+                # The target as it came on the wire: ``self.path`` folds a leading "//" into "/".
+                target = self.raw_requestline.decode("latin-1").split(" ")[1]
+                seen.append((self.command, target, [(k.lower(), v) for k, v in self.headers.items()]))
                 status, headers, body = 200, [("content-type", "text/plain")], b"upstream-body"
                 if self.path.startswith("/status/"):
                     status = int(self.path.split("/")[2])

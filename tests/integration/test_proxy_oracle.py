@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from authz.config import PathNormalization
 from authz.proxy.sidecar import Sidecar
 from tests.integration.envoy_harness import RunningEnvoy, envoy_binary, run_envoy
 from tests.integration.proxy_upstream import ThreadedUpstream, raw_exchange, service_entry, sidecar_config
@@ -423,14 +424,25 @@ MALFORMED: dict[str, tuple[bytes, int, int, str]] = {
 }
 
 
+async def _settle(upstream: ThreadedUpstream) -> None:
+    """Let a request Envoy streamed upstream before rejecting its body reach the upstream's record, so it
+    cannot land in the next exchange's record (bounded: 20 x 10 ms)."""
+    for _ in range(20):
+        count = len(upstream.seen)
+        await asyncio.sleep(0.01)
+        if len(upstream.seen) == count:
+            return
+
+
 @pytest.mark.parametrize("case", list(MALFORMED.values()), ids=list(MALFORMED))
 async def test_malformed_requests_against_envoy(
     oracle: Oracle, ours: int, case: tuple[bytes, int, int, str]
 ) -> None:
     raw, envoy_status, our_status, why = case
     assert (envoy_status == our_status) == (not why), "a divergence must say why"
-    envoy = await exchange(oracle.envoy_port, oracle.upstream, raw)
-    mine = await exchange(ours, oracle.upstream, raw)
+    mine = await exchange(ours, oracle.upstream, raw)  # ours first: Envoy may forward a head it then
+    envoy = await exchange(oracle.envoy_port, oracle.upstream, raw)  # rejects, recorded after we read
+    await _settle(oracle.upstream)
     assert envoy.status == envoy_status
     assert mine.status == our_status
     # Ours never forwards any of them. (Envoy streams: with a bad chunk size it has already sent the head.)
@@ -452,3 +464,222 @@ async def test_connection_nominated_fields(oracle: Oracle, ours: int) -> None:
     assert ("x-secret", "1") in envoy.response_headers  # the response side: Envoy lets it through
     assert ("x-secret", "1") not in mine.response_headers
     assert ("keep-alive", "timeout=5") not in envoy.response_headers + mine.response_headers
+
+
+# -- path normalization: the HCM settings istiod writes per meshConfig pathNormalization -----------------
+
+NORMALIZATION_VS = f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: norm, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - name: exact
+    match: [{{uri: {{exact: /exact}}}}]
+    headers: {{request: {{set: {{x-route: exact}}}}}}
+    route: [{{destination: {{host: {HOST}}}}}]
+  - name: admin
+    match: [{{uri: {{prefix: /admin/}}}}]
+    headers: {{request: {{set: {{x-route: admin}}}}}}
+    route: [{{destination: {{host: {HOST}}}}}]
+  - name: all
+    headers: {{request: {{set: {{x-route: all}}}}}}
+    route: [{{destination: {{host: {HOST}}}}}]
+"""
+
+
+def istio_hcm_normalization(mode: PathNormalization) -> dict[str, Any]:
+    """meshConfig pathNormalization -> HCM fields (istio pilot/pkg/networking/core/listener_builder.go)."""
+    if mode is PathNormalization.NONE:
+        return {"normalize_path": False, "path_with_escaped_slashes_action": "KEEP_UNCHANGED"}
+    fields: dict[str, Any] = {"normalize_path": True, "path_with_escaped_slashes_action": "KEEP_UNCHANGED"}
+    if mode in (PathNormalization.MERGE_SLASHES, PathNormalization.DECODE_AND_MERGE_SLASHES):
+        fields["merge_slashes"] = True
+    if mode is PathNormalization.DECODE_AND_MERGE_SLASHES:
+        fields["path_with_escaped_slashes_action"] = "UNESCAPE_AND_FORWARD"
+    return fields
+
+
+def normalization_bootstrap(upstream_port: int, mode: PathNormalization) -> dict[str, Any]:
+    bootstrap = envoy_bootstrap(upstream_port)
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.update(istio_hcm_normalization(mode))
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+        _route("exact", {"path": "/exact"}, request_headers_to_add=[_set("x-route", "exact")]),
+        _route("admin", {"prefix": "/admin/"}, request_headers_to_add=[_set("x-route", "admin")]),
+        _route("all", {"prefix": "/"}, request_headers_to_add=[_set("x-route", "all")]),
+    ]
+    return bootstrap
+
+
+# Request targets that exercise each normalization step: dot segments (raw and %2e), decoded unreserved
+# escapes, backslashes, "//", %2F/%5C (kept or decoded), nested escapes, %00, fragments, queries.
+NORMALIZATION_TARGETS = [
+    "/exact/../exact",
+    "/a/../exact",
+    "/%2e%2e/exact",
+    "/x/%2E%2E/exact",
+    "/.%2e/exact",
+    "/ex%61ct",
+    "/%65xact?q=/../admin/",
+    "/a\\..\\exact",
+    "//exact",
+    "/a//b/../exact",
+    "/admin//x",
+    "/exact%2F",
+    "/%2Fexact",
+    "/admin%2F..%2Fexact",
+    "/x/..%2fexact",
+    "/x/..%5Cexact",
+    "/admin/../exact",
+    "/%61dmin/x",
+    "/admin/./x",
+    "/admin/%2e/x",
+    "/a;b/../exact",
+    "/exact/.",
+    "/%7e%7E%2d%5F",
+    "/%zz/%",
+    "/%C3%A9",
+    "/%25%32%66",
+    "/%%32%66",
+    "/%a%62",
+    "/%%30%30",
+    "/%%%34%31",
+    "/%00",
+    "/a%00b",
+    "/exact#frag",
+    "/exact?a#frag",
+    "/%2F",
+    "//",
+]
+
+# (target, mode) -> (Envoy's upstream path, ours, why). Everything else must match exactly.
+NORMALIZATION_DIVERGENCES: dict[tuple[str, PathNormalization], tuple[str, str, str]] = {
+    (target, mode): (
+        "//",
+        "/",
+        "Envoy's PathUtil::mergeSlashes keeps a leading and a trailing '/' around an empty join, so a path"
+        " of slashes only stays '//'; the shared engine normalizer (authz.policy.normalize) merges it to"
+        " '/', which the engine then matches policies against; both are the root",
+    )
+    for target, modes in (
+        ("/%2F", (PathNormalization.DECODE_AND_MERGE_SLASHES,)),
+        ("//", (PathNormalization.MERGE_SLASHES, PathNormalization.DECODE_AND_MERGE_SLASHES)),
+    )
+    for mode in modes
+}
+
+
+@pytest.fixture(scope="module")
+def upstream_for_normalization() -> Iterator[ThreadedUpstream]:
+    upstream = ThreadedUpstream().start()
+    yield upstream
+    upstream.close()
+
+
+@pytest.mark.parametrize("mode", list(PathNormalization), ids=[m.name for m in PathNormalization])
+async def test_path_normalization_matches_envoy(
+    upstream_for_normalization: ThreadedUpstream, mode: PathNormalization
+) -> None:
+    """Per mode: the same raw targets to Envoy (HCM set as istiod sets it) and to our outbound listener
+    (ProxyConfig pathNormalization): same status, same route chosen (x-route), same path upstream."""
+    upstream = upstream_for_normalization
+    proxy = PROXY + f"  pathNormalization: {{normalization: {mode.name}}}\n"
+    sidecar = Sidecar(
+        sidecar_config(proxy + "---\n" + NORMALIZATION_VS + "---\n" + service_entry(HOST, [upstream.port]))  # type: ignore[arg-type]
+    )
+    await sidecar.start()
+    assert sidecar.outbound is not None
+    try:
+        with run_envoy(normalization_bootstrap(upstream.port, mode)) as envoy:
+            for target in NORMALIZATION_TARGETS:
+                raw = request("GET", target)
+                theirs = await exchange(envoy.listeners["ingress"], upstream, raw)
+                mine = await exchange(sidecar.outbound.port, upstream, raw)
+                assert theirs.status != 0, target
+                divergence = NORMALIZATION_DIVERGENCES.get((target, mode))
+                if divergence is not None:
+                    envoy_path, our_path, _why = divergence
+                    assert theirs.upstream is not None and mine.upstream is not None
+                    assert (theirs.upstream[1], mine.upstream[1]) == (envoy_path, our_path), target
+                    continue
+                assert (mine.status, mine.upstream) == (theirs.status, theirs.upstream), (mode, target)
+    finally:
+        await sidecar.stop()
+
+
+# -- endpoint weights: ServiceEntry endpoints[].weight vs Envoy load_balancing_weight --------------------
+
+WEIGHTS = (1, 4)
+
+
+def weighted_bootstrap(ports: list[int], policy: str) -> dict[str, Any]:
+    bootstrap = envoy_bootstrap(ports[0])
+    cluster = bootstrap["static_resources"]["clusters"][0]
+    cluster["lb_policy"] = policy
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
+            "load_balancing_weight": weight,
+        }
+        for port, weight in zip(ports, WEIGHTS, strict=True)
+    ]
+    return bootstrap
+
+
+def weighted_mesh(ports: list[int], policy: str) -> str:
+    endpoints = "".join(
+        f"  - {{address: 127.0.0.1, ports: {{http: {port}}}, weight: {weight}}}\n"
+        for port, weight in zip(ports, WEIGHTS, strict=True)
+    )
+    return f"""{PROXY}---
+{VIRTUAL_SERVICE}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: app, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+{endpoints}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: app, namespace: default}}
+spec:
+  host: {HOST}
+  trafficPolicy: {{loadBalancer: {{simple: {policy}}}}}
+"""
+
+
+async def _spread(port: int, upstreams: list[ThreadedUpstream], requests: int) -> list[int]:
+    for u in upstreams:
+        u.seen.clear()
+    for _ in range(requests):
+        await raw_exchange(port, request("GET", "/exact"), timeout=5.0)
+    return [len(u.seen) for u in upstreams]
+
+
+@pytest.mark.parametrize("policy", ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"])
+async def test_endpoint_weights_match_envoy(policy: str) -> None:
+    """Weights 1:4, 100 sequential requests. ROUND_ROBIN and LEAST_REQUEST (no concurrent load: the
+    dynamic weights are the weights) split exactly 20/80 in both; Envoy's RANDOM ignores weights, so both
+    split about evenly."""
+    upstreams = [ThreadedUpstream().start() for _ in WEIGHTS]
+    ports = [u.port for u in upstreams]
+    sidecar = Sidecar(sidecar_config(weighted_mesh(ports, policy)))  # type: ignore[arg-type]
+    await sidecar.start()
+    assert sidecar.outbound is not None
+    try:
+        with run_envoy(weighted_bootstrap(ports, policy)) as envoy:
+            theirs = await _spread(envoy.listeners["ingress"], upstreams, 100)
+        ours = await _spread(sidecar.outbound.port, upstreams, 100)
+    finally:
+        await sidecar.stop()
+        for u in upstreams:
+            u.close()
+    if policy == "RANDOM":
+        assert all(25 <= n <= 75 for n in theirs + ours), (theirs, ours)
+    else:
+        assert ours == theirs == [20, 80]

@@ -22,12 +22,14 @@ MODULES = [
     "model",
     "mtls",
     "outlier",
+    "paths",
     "pool",
     "retry",
     "router",
     "settings",
     "sidecar",
     "telemetry",
+    "xfcc",
 ]
 
 
@@ -69,6 +71,10 @@ def test_proxy_imports_only_shared_values_and_siblings() -> None:
         "authz.engine",
         "authz.runtime",
         "authz.eventloop",
+        "authz.config",  # a shared value (PathNormalization, meshConfig's enum)
+        # Envoy's HCM path normalization: the proxy forwards exactly the path the engine matches policies
+        # against, so both must use this one implementation (a pure function, no policy internals).
+        "authz.policy.normalize",
     )
     for path in Path(authz.proxy.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -176,6 +176,8 @@ def test_shipped_example_loads() -> None:
     assert [d.weight for d in canary.destinations] == [90, 10]
     assert canary.mirrors[0].percent == 5.0
     assert cfg.mesh.peer_authentications[0].mode == "STRICT"
+    assert cfg.settings.path_normalization.name == "BASE"
+    assert cfg.settings.client_cert.forward == "SANITIZE_SET"
 
 
 def test_proxy_config_with_another_api_version_is_an_error_not_ignored() -> None:
