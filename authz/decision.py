@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from authz.request import EMPTY_MAP
 
-__all__ = ["Decision", "HeaderOps", "Reason", "ShadowResult", "TraceEntry"]
+__all__ = ["Decision", "HeaderOps", "Reason", "ShadowResult", "TraceEntry", "value_builder"]
+
+T = TypeVar("T")
+_UNSET: Any = object()
+
+
+def value_builder(cls: type[T]) -> Callable[..., T]:
+    """A keyword-only constructor for the frozen, slotted dataclass ``cls``, for the few values built
+    on every check (the request, the decision).
+
+    A frozen dataclass's ``__init__`` stores each field through ``object.__setattr__``, a generic
+    attribute look-up per field; this one calls each slot's descriptor directly, which halves the cost.
+    It builds the same value: same fields, same defaults (factories called per value), no
+    ``__post_init__`` (a class with one is refused, as is a class that is not frozen and slotted).
+    """
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__} is not a frozen dataclass")
+    if "__slots__" not in cls.__dict__ or hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} needs slots and no __post_init__")
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_UNSET": _UNSET}
+    params: list[str] = []
+    body: list[str] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name} is not an __init__ field")
+        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+        if f.default is not dataclasses.MISSING:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            namespace[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_UNSET")
+            body.append(f"    if {f.name} is _UNSET:\n        {f.name} = _factory_{f.name}()")
+        else:
+            params.append(f.name)
+        body.append(f"    _set_{f.name}(value, {f.name})")
+    source = (
+        f"def build(*, {', '.join(params)}):\n    value = _new(_cls)\n"
+        + "\n".join(body)
+        + "\n    return value\n"
+    )
+    # The source is made of the class's own field names (identifiers), as dataclasses makes __init__.
+    exec(source, namespace)  # noqa: S102
+    build: Callable[..., T] = namespace["build"]
+    build.__qualname__ = build.__name__ = f"build_{cls.__name__}"
+    build.__doc__ = f"Build a {cls.__name__} (see authz.decision.value_builder)."
+    return build
 
 
 class Reason:

@@ -13,19 +13,21 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
-from authz.authn import Authenticator, AuthnResult
+from authz.authn import Authenticator, AuthnResult, JwtRule
+from authz.authn.jwt import VerifiedToken
 from authz.authn.settings import CertificateBinding
 from authz.clock import Clock, system_clock
 from authz.config import MeshConfig
-from authz.decision import Decision, HeaderOps, Reason, TraceEntry
+from authz.decision import Decision, HeaderOps, Reason, TraceEntry, value_builder
 from authz.decision_log import DecisionLog, decision_record
 from authz.errors import AuthzError, CredentialError, MalformedRequest
 from authz.identity import PeerTrust, check_certificate_binding, check_spiffe_binding, resolve_peer_identity
 from authz.metrics import CHECK_LATENCY, CHECKS, INTERNAL_ERRORS
 from authz.policy import PolicyResult, check_http_request, evaluate, normalize_path
-from authz.request import Request, RequestAuth, Workload
+from authz.request import EMPTY_MAP, Request, RequestAuth, Workload
 from authz.snapshot import Snapshot
 from authz.workload import resolve_workload
 
@@ -40,8 +42,21 @@ MAX_CACHED_PATHS = 4096
 # Reasons are a closed set of codes; the bound only guards against a bug turning them into free text.
 MAX_COUNTER_CHILDREN = 256
 
+# Destination workloads kept, by (namespace, labels text, destination principal): a sidecar authorizer
+# sees one, a shared one a few hundred. Reusing the Workload value also lets the compiled policies reuse
+# their per-workload plan (CompiledPolicies.plan_for). Dropped whole when full.
+MAX_CACHED_WORKLOADS = 1024
+
+# Authentication results whose decision fields (request principal, identity claims, whether a binding
+# must be checked) are kept: the authenticator returns the same AuthnResult for a cached token at the
+# same location, so this follows its token cache. Dropped whole when full.
+MAX_CACHED_IDENTITIES = 10_000
+
 # Claims copied into the allow decision (dynamic metadata, identity headers): the identity, not the payload.
 IDENTITY_CLAIMS = ("iss", "sub", "aud", "azp", "client_id", "scope", "exp")
+
+_NO_HEADERS = HeaderOps()
+_build_decision = value_builder(Decision)  # Decision(...) at half the cost: one per check
 
 
 def remote_ip(request: Request, num_trusted_proxies: int) -> str:
@@ -86,6 +101,9 @@ class Engine:
         self._ids = itertools.count(1)
         self._check_counters: dict[tuple[bool, str], Any] = {}
         self._paths: dict[str, str] = {}  # raw :path -> normalized (a pure function of the path)
+        self._workloads: dict[tuple[str, str | None, str], tuple[Workload, Workload]] = {}
+        self._identities: dict[int, tuple[AuthnResult, str, Mapping[str, Any], bool]] = {}
+        self._rules: dict[int, tuple[Workload, Snapshot, tuple[JwtRule, ...]]] = {}
         self._id_prefix = os.urandom(4).hex()
 
     @property
@@ -99,14 +117,27 @@ class Engine:
     def _next_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
 
+    def _workload(self, request: Request) -> Workload:
+        """:func:`resolve_workload` for ``request``, memoized: the same inputs give the same value."""
+        ctx = request.context_extensions
+        principal = request.destination.principal
+        key = (ctx.get("namespace", ""), ctx.get("labels"), principal)
+        default = self.default_workload
+        entry = self._workloads.get(key)
+        if entry is not None and entry[0] is default:
+            return entry[1]
+        workload = resolve_workload(ctx, principal, default)
+        if len(self._workloads) >= MAX_CACHED_WORKLOADS:
+            self._workloads.clear()
+        self._workloads[key] = (default, workload)
+        return workload
+
     async def check(self, request: Request, workload: Workload | None = None) -> Decision:
         started = time.perf_counter()
         snapshot = self._snapshot
         if workload is None:
-            workload = resolve_workload(
-                request.context_extensions, request.destination.principal, self.default_workload
-            )
-        decision_id = self._next_id()
+            workload = self._workload(request)
+        decision_id = f"{self._id_prefix}-{next(self._ids):x}"
         try:
             decision = await self._decide(snapshot, request, workload, decision_id)
         except MalformedRequest as exc:
@@ -181,19 +212,73 @@ class Engine:
                     self._paths.clear()
                 self._paths[raw_path] = path
         # 3. Credentials: RequestAuthentication semantics (authz.authn).
-        rules = snapshot.jwt_rules_for(workload)
+        rules = self._jwt_rules(snapshot, workload)
         authn: AuthnResult = await self.authenticator.authenticate(request, rules)
         if authn.error is not None:
             return _credential_decision(authn.error, peer.principal, path, decision_id)
         auth = authn.auth
+        request_principal, claims = "", EMPTY_MAP
         if auth is not None:
+            request_principal, claims, bound = self._identity(authn, auth)
             try:
-                _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
+                if bound:
+                    _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
             except CredentialError as exc:
                 return _credential_decision(exc, peer.principal, path, decision_id)
         # 4. Policies: AUDIT -> DENY -> ALLOW (authz.policy).
         result: PolicyResult = evaluate(snapshot.policies, request, workload, auth, path=path)
-        return _policy_decision(result, authn, peer.principal, path, decision_id)
+        return _build_decision(
+            decision_id=decision_id,
+            allowed=result.allowed,
+            status=200 if result.allowed else 403,
+            reason=result.reason,
+            message="" if result.allowed else "RBAC: access denied",
+            policy_id=result.policy_id,
+            trace=result.trace,
+            headers=authn.headers if result.allowed else _NO_HEADERS,
+            principal=peer.principal,
+            request_principal=request_principal,
+            claims=claims,
+            audit=result.audit,
+            audit_policy_id=result.audit_policy_id,
+            shadow=result.shadow,
+            normalized_path=path,
+        )
+
+    def _identity(self, authn: AuthnResult, auth: RequestAuth) -> tuple[str, Mapping[str, Any], bool]:
+        """The request principal and identity claims of ``auth`` (a read-only mapping shared by every
+        decision for that identity), and whether its tokens are sender-constrained; computed once per
+        authentication result (the authenticator shares one per cached token and location)."""
+        entry = self._identities.get(id(authn))
+        if entry is not None and entry[0] is authn:
+            return entry[1], entry[2], entry[3]
+        principal, claims = auth.principal, MappingProxyType(dict(_identity_claims(auth)))
+        bound = any(_is_bound(token) for token in authn.tokens)
+        if len(self._identities) >= MAX_CACHED_IDENTITIES:
+            self._identities.clear()
+        self._identities[id(authn)] = (authn, principal, claims, bound)  # held: its id stays unique
+        return principal, claims, bound
+
+    def _jwt_rules(self, snapshot: Snapshot, workload: Workload) -> tuple[JwtRule, ...]:
+        """``snapshot.jwt_rules_for(workload)``, memoized per workload value (see :meth:`_workload`)."""
+        entry = self._rules.get(id(workload))
+        if entry is not None and entry[0] is workload and entry[1] is snapshot:
+            return entry[2]
+        rules = snapshot.jwt_rules_for(workload)
+        if len(self._rules) >= MAX_CACHED_WORKLOADS:
+            self._rules.clear()
+        self._rules[id(workload)] = (workload, snapshot, rules)
+        return rules
+
+
+def _is_bound(token: VerifiedToken) -> bool:
+    """Whether :func:`_check_bindings` has anything to check for ``token``."""
+    settings = token.settings
+    return (
+        settings.certificate_binding is not CertificateBinding.DISABLED
+        or "cnf" in token.claims
+        or settings.spiffe_binding is not None
+    )
 
 
 def _check_bindings(authn: AuthnResult, principal: str, thumbprint: str) -> None:
@@ -227,33 +312,4 @@ def _credential_decision(error: CredentialError, principal: str, path: str, deci
         principal=principal,
         normalized_path=path,
         trace=(TraceEntry(stage="authn", policy="", rule=None, matched=False, detail=error.message),),
-    )
-
-
-def _policy_decision(
-    result: PolicyResult, authn: AuthnResult, principal: str, path: str, decision_id: str
-) -> Decision:
-    auth = authn.auth
-    if result.allowed:
-        headers = authn.headers
-        status = 200
-    else:
-        headers = HeaderOps()
-        status = 403
-    return Decision(
-        decision_id=decision_id,
-        allowed=result.allowed,
-        status=status,
-        reason=result.reason,
-        message="" if result.allowed else "RBAC: access denied",
-        policy_id=result.policy_id,
-        trace=result.trace,
-        headers=headers,
-        principal=principal,
-        request_principal=auth.principal if auth is not None else "",
-        claims=_identity_claims(auth),
-        audit=result.audit,
-        audit_policy_id=result.audit_policy_id,
-        shadow=result.shadow,
-        normalized_path=path,
     )

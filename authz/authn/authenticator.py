@@ -32,7 +32,7 @@ from authz.authn.jwks import KeySource, RemoteKeySource, StaticKeySource
 from authz.authn.jwt import VerifiedToken, check_claims, decode_unverified, looks_like_jws, verify
 from authz.authn.model import JwtRule
 from authz.authn.settings import AuthnSettings, IssuerSettings
-from authz.authn.token_cache import DEFAULT_MAX_ENTRIES, MAX_ENTRY_TTL, TtlLru, token_digest
+from authz.authn.token_cache import DEFAULT_MAX_ENTRIES, MAX_ENTRY_TTL, TtlLru, count_cache_hit
 from authz.clock import Clock
 from authz.decision import HeaderOps
 from authz.errors import CredentialError, DependencyError
@@ -69,6 +69,23 @@ _PASS = AuthnResult()
 _BYPASS = AuthnResult(bypassed=True)
 
 
+@dataclass(frozen=True, slots=True)
+class _Locations:
+    """The token locations of one set of rules (a workload's), and the results built for them:
+    ``no_token`` when none carries a token, ``results`` for one verified token at one location
+    (keyed by the token and ``id`` of the extractor's location object). The memos are bounded by
+    the token cache's size and dropped with the extractor when issuer settings change."""
+
+    extractor: TokenExtractor
+    no_token: AuthnResult
+    results: dict[tuple[VerifiedToken, int], AuthnResult]
+    only_header: str | None
+    """The one header location of the rules, when they configure no cookie (a query parameter is
+    searched only when the path has a query): then that header's value alone decides the result."""
+    by_header_value: dict[str, tuple[VerifiedToken, float, AuthnResult]]
+    """Raw value of ``only_header`` -> its verified token, when the cache entry ends, and the result."""
+
+
 def claim_headers(rule: JwtRule, claims: Mapping[str, Any], payload_segment: str) -> dict[str, str]:
     """The upstream headers a verified token produces under ``rule``: ``outputPayloadToHeader`` (the
     token's payload segment) and ``outputClaimToHeaders`` (string, int and bool claims; values
@@ -103,7 +120,7 @@ class Authenticator:
         self._sources: dict[tuple[str, str, str], KeySource] = {}
         self._source_by_rule: dict[str, KeySource] = {}
         self._introspectors: dict[str, Introspector] = {}
-        self._extractors: dict[tuple[JwtRule, ...], TokenExtractor] = {}
+        self._extractors: dict[tuple[JwtRule, ...], _Locations] = {}
         self._cache: TtlLru[VerifiedToken] = TtlLru(token_cache_size)
         self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -147,6 +164,7 @@ class Authenticator:
         against the old settings (skew, required claims, HMAC secrets)."""
         self.settings = settings
         self._cache.clear()
+        self._extractors.clear()  # and with them the results they memoize
         self._introspectors.clear()
         # Key sources whose fetch settings changed are rebuilt on next use; their keys are refetched.
         stale = [
@@ -173,46 +191,92 @@ class Authenticator:
         http = request.http
         if not rules or http is None:
             return _PASS
-        if is_cors_preflight(http):
+        if http.method == "OPTIONS" and is_cors_preflight(http):
             return _BYPASS
-        extractor = self._extractor(rules)
+        locations = self._locations(rules)
+        extractor = locations.extractor
+        # The common case first: the rules' one header location (and no query string to search) carries
+        # the same header value as an earlier request, whose token was verified and is still trusted.
+        header = locations.only_header
+        if header is not None and (not extractor.params or "?" not in http.path):
+            value = http.headers.get(header)
+            if value is not None:
+                seen = locations.by_header_value.get(value)
+                if seen is not None:
+                    if self.clock() < seen[1] and self._key_still_trusted(seen[0]):
+                        count_cache_hit()
+                        return seen[2]
+                    del locations.by_header_value[value]
         found = extractor.extract(http)
         if not found:
-            if extractor.sanitize:
-                return AuthnResult(headers=HeaderOps(remove=extractor.sanitize))
-            return _PASS
+            return locations.no_token
+        if len(found) == 1:
+            # One token, already verified: its result is a value of (verified token, location), built
+            # once per pair and shared.
+            extracted = found[0]
+            entry = self._cached_entry(extracted.token, extractor.rules_for(extracted.rules))
+            if entry is not None:
+                vt, deadline = entry
+                key = (vt, id(extracted.location))  # locations are the extractor's own objects
+                results = locations.results
+                result = results.get(key)
+                if result is None:
+                    result = self._result(((vt, extracted),), extractor)
+                    if len(results) >= self._cache.max_entries:
+                        results.clear()
+                    results[key] = result
+                if header is not None and extracted.location.kind == "header":
+                    by_value = locations.by_header_value
+                    if len(by_value) >= self._cache.max_entries:
+                        by_value.clear()
+                    by_value[http.headers[header]] = (vt, deadline, result)
+                return result
         verified: list[tuple[VerifiedToken, ExtractedToken]] = []
         for extracted in found:
-            candidates = [extractor.rules[i] for i in extracted.rules]
+            candidates = extractor.rules_for(extracted.rules)
             try:
-                vt = self._cached(extracted.token, candidates)
-                if vt is None:
-                    vt = await self._verify_slow(extracted.token, candidates)
+                verified_token = self._cached(extracted.token, candidates)
+                if verified_token is None:
+                    verified_token = await self._verify_slow(extracted.token, candidates)
             except CredentialError as exc:
                 return AuthnResult(error=exc)
-            verified.append((vt, extracted))
+            verified.append((verified_token, extracted))
         return self._result(verified, extractor)
 
-    def _extractor(self, rules: Sequence[JwtRule]) -> TokenExtractor:
-        key = tuple(rules)
-        ex = self._extractors.get(key)
-        if ex is None:
+    def _locations(self, rules: Sequence[JwtRule]) -> _Locations:
+        key = rules if isinstance(rules, tuple) else tuple(rules)
+        found = self._extractors.get(key)
+        if found is None:
             if len(self._extractors) >= MAX_EXTRACTORS:
                 self._extractors.clear()
-            ex = TokenExtractor(key)
-            self._extractors[key] = ex
-        return ex
+            extractor = TokenExtractor(key)
+            no_token = (
+                AuthnResult(headers=HeaderOps(remove=extractor.sanitize)) if extractor.sanitize else _PASS
+            )
+            only_header = None
+            if len(extractor.headers) == 1 and not extractor.cookies:
+                only_header = extractor.headers[0][0].name
+            found = self._extractors[key] = _Locations(extractor, no_token, {}, only_header, {})
+        return found
 
     def _cached(self, token: str, candidates: Sequence[JwtRule]) -> VerifiedToken | None:
-        digest = token_digest(token)
+        entry = self._cached_entry(token, candidates)
+        return None if entry is None else entry[0]
+
+    def _cached_entry(self, token: str, candidates: Sequence[JwtRule]) -> tuple[VerifiedToken, float] | None:
+        """The cached verification of ``token`` under one of ``candidates`` whose key is still trusted,
+        with the time it stops being valid; ``None`` when it must be verified."""
+        # Keyed by the token itself: hashing a str costs a fifth of a SHA-256 of it, and the cached
+        # VerifiedToken holds the token anyway.
         now = self.clock()
         for rule in candidates:
-            vt = self._cache.get((digest, rule.fingerprint), now)
-            if vt is None:
+            key = (token, rule.fingerprint)
+            entry = self._cache.get_entry(key, now)
+            if entry is None:
                 continue
-            if self._key_still_trusted(vt):
-                return vt
-            self._cache.discard((digest, rule.fingerprint))
+            if self._key_still_trusted(entry[0]):
+                return entry
+            self._cache.discard(key)
         return None
 
     def _key_still_trusted(self, vt: VerifiedToken) -> bool:
@@ -249,7 +313,7 @@ class Authenticator:
                 continue
             now = self.clock()
             self._cache.put(
-                (token_digest(token), rule.fingerprint),
+                (token, rule.fingerprint),
                 vt,
                 now=now,
                 expires_at=vt.expires_at,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from authz.authn.model import JwtRule
@@ -27,6 +28,7 @@ __all__ = [
 
 # RFC 4648 section 5 alphabet plus "." (extractor.cc ConstantBase64UrlEncodingCharsPlusDot)
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9_.-]+")
+_TOKEN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +45,9 @@ class TokenLocation:
         return f"{self.kind} {self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class ExtractedToken:
-    """A token found at ``location``; ``rules`` are the indexes of rules that configured it."""
+class ExtractedToken(NamedTuple):
+    """A token found at ``location``; ``rules`` are the indexes of rules that configured it.
+    (A named tuple: one is built per token per request, and a tuple is the cheapest value to build.)"""
 
     token: str
     location: TokenLocation
@@ -66,6 +68,11 @@ def extract_after_prefix(value: str, start: int) -> str:
     """extractor.cc ``extractJWT``: skip to the first token character at or after ``start``, take the
     run of token characters. If there is none, the whole value is returned (Envoy's compatibility
     behaviour: it then fails verification as malformed)."""
+    rest = value[start:]
+    # Usually the whole rest is the token ("Bearer <jwt>"): deleting the token bytes leaves nothing. A
+    # bytes translate checks that at a third of the cost of the regex scan.
+    if rest and rest.isascii() and not rest.encode("ascii").translate(None, _TOKEN_BYTES):
+        return rest
     m = _TOKEN_RUN.search(value, start)
     return value if m is None else m.group()
 
@@ -134,6 +141,16 @@ class TokenExtractor:
         self.params = tuple((TokenLocation("param", p), tuple(idx)) for p, idx in sorted(params.items()))
         self.cookies = tuple((TokenLocation("cookie", c), tuple(idx)) for c, idx in sorted(cookies.items()))
         self.sanitize = tuple(dict.fromkeys(sanitize))
+        self._rules_by_indexes = {
+            idx: tuple(self.rules[i] for i in idx) for _, idx in (*self.headers, *self.params, *self.cookies)
+        }
+
+    def rules_for(self, indexes: tuple[int, ...]) -> tuple[JwtRule, ...]:
+        """The rules an :class:`ExtractedToken` of this extractor names by index."""
+        rules = self._rules_by_indexes.get(indexes)
+        if rules is None:
+            rules = tuple(self.rules[i] for i in indexes)
+        return rules
 
     def extract(self, http: HttpAttributes) -> list[ExtractedToken]:
         found: list[ExtractedToken] = []
@@ -142,11 +159,12 @@ class TokenExtractor:
             value = hdrs.get(loc.name)
             if value is None:
                 continue
-            if loc.prefix:
-                pos = value.find(loc.prefix)
+            prefix = loc.prefix
+            if prefix:
+                pos = value.find(prefix)
                 if pos < 0:
                     continue  # prefix not found anywhere: this header carries no token
-                value = extract_after_prefix(value, pos + len(loc.prefix))
+                value = extract_after_prefix(value, pos + len(prefix))
             found.append(ExtractedToken(value, loc, idx))
         if self.params and "?" in http.path:
             query = parse_query(http.path)

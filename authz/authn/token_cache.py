@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 from authz.metrics import TOKEN_CACHE
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "MAX_ENTRY_TTL", "TtlLru", "token_digest"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "MAX_ENTRY_TTL", "TtlLru", "count_cache_hit", "token_digest"]
 
 DEFAULT_MAX_ENTRIES = 10_000  # ~10k active callers per authorizer; a few MiB of memory at most
 MAX_ENTRY_TTL = 300.0  # re-verify at least every 5 minutes, whatever the token's exp says
@@ -23,6 +23,11 @@ V = TypeVar("V")
 
 _HIT = TOKEN_CACHE.labels(result="hit")
 _MISS = TOKEN_CACHE.labels(result="miss")
+
+
+def count_cache_hit() -> None:
+    """Count a hit answered from a memo in front of the cache (the token was verified and is valid)."""
+    _HIT.inc()
 
 
 def token_digest(token: str) -> bytes:
@@ -42,13 +47,17 @@ class TtlLru(Generic[V]):
         return len(self._entries)
 
     def get(self, key: object, now: float) -> V | None:
+        entry = self.get_entry(key, now)
+        return None if entry is None else entry[0]
+
+    def get_entry(self, key: object, now: float) -> tuple[V, float] | None:
+        """The value under ``key`` and the time it expires, or ``None`` (missing or expired)."""
         entry = self._entries.get(key)
         if entry is None:
             if self.count_metrics:
                 _MISS.inc()
             return None
-        value, deadline = entry
-        if now >= deadline:
+        if now >= entry[1]:
             del self._entries[key]
             if self.count_metrics:
                 _MISS.inc()
@@ -56,7 +65,7 @@ class TtlLru(Generic[V]):
         self._entries.move_to_end(key)
         if self.count_metrics:
             _HIT.inc()
-        return value
+        return entry
 
     def put(self, key: object, value: V, *, now: float, expires_at: float | None, max_ttl: float) -> None:
         deadline = now + max_ttl if expires_at is None else min(expires_at, now + max_ttl)

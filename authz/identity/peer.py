@@ -17,7 +17,7 @@ that was present but unusable is listed in :attr:`PeerIdentity.rejected` with it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography import x509
@@ -63,8 +63,11 @@ class PeerTrust:
     trust_domain: str = ""
     trust_domain_aliases: tuple[str, ...] = ()
     xfcc_header: str = XFCC_HEADER
+    xfcc_key: str = field(init=False, repr=False, compare=False)
+    """``xfcc_header`` lower-cased, as the fronts key headers."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "xfcc_key", self.xfcc_header.lower())
         for td in (self.trust_domain, *self.trust_domain_aliases):
             if td:
                 try:
@@ -278,6 +281,31 @@ def _from_xfcc(value: str, trust: PeerTrust, now: float) -> PeerIdentity:
     return PeerIdentity(principal=str(sid), certificate_thumbprint=thumbprint, source="xfcc", spiffe_id=sid)
 
 
+_NO_IDENTITY = PeerIdentity()
+
+# Principals whose resolution (a SPIFFE ID parse, a pure function of the string) is kept: a mesh has as
+# many as it has service accounts calling this workload. Dropped whole when full.
+MAX_CACHED_PRINCIPALS = 4096
+_principals: dict[str, PeerIdentity | RejectedSource] = {}
+
+
+def _from_principal_only(principal: str) -> PeerIdentity:
+    """:func:`_from_principal` for a request without a certificate, memoized by principal."""
+    found = _principals.get(principal)
+    if found is None:
+        try:
+            sid = _parse_principal(principal)
+            found = PeerIdentity(principal=str(sid), source="principal", spiffe_id=sid)
+        except _Rejected as rej:
+            found = rej.rejection
+        if len(_principals) >= MAX_CACHED_PRINCIPALS:
+            _principals.clear()
+        _principals[principal] = found
+    if isinstance(found, RejectedSource):
+        raise _Rejected(found.source, found.reason, found.message)
+    return found
+
+
 def resolve_peer_identity(request: Request, *, trust: PeerTrust, now: float) -> PeerIdentity:
     """Resolve the peer identity of ``request`` (see the module docstring for the order of trust).
 
@@ -285,13 +313,17 @@ def resolve_peer_identity(request: Request, *, trust: PeerTrust, now: float) -> 
     is then empty (``principal == ""``).
     """
     headers = request.http.headers if request.http is not None else {}
-    xfcc_value = headers.get(trust.xfcc_header.lower())
+    xfcc_value = headers.get(trust.xfcc_key)
+    source = request.source
     rejected: list[RejectedSource] = []
-    identity = PeerIdentity()
+    identity = _NO_IDENTITY
     try:
-        if request.source.principal:
-            identity = _from_principal(request, trust, now)
-        elif request.source.certificate:
+        if source.principal:
+            if source.certificate:
+                identity = _from_principal(request, trust, now)
+            else:
+                identity = _from_principal_only(source.principal)
+        elif source.certificate:
             identity = _from_certificate(request, trust, now)
         elif xfcc_value is not None and trust.trust_xfcc:
             identity = _from_xfcc(xfcc_value, trust, now)

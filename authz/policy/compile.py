@@ -18,13 +18,34 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from authz.config import DEFAULT_MESH, MeshConfig
+from authz.decision import TraceEntry
 from authz.policy.index import INDEX_MIN_RULES, RuleIndex, RuleKeys, build_rule_index, operation_keys
 from authz.policy.matchers import RequestView, ValuePredicate, value_predicate
 from authz.policy.model import Action, AuthorizationPolicy, FieldMatch
-from authz.request import Workload
+from authz.request import RequestAuth, Workload
 from authz.workload import selects
 
-__all__ = ["CompiledField", "CompiledPolicies", "CompiledRule", "PolicyGroup", "RuleSet", "compile_policies"]
+__all__ = [
+    "CompiledField",
+    "CompiledPolicies",
+    "CompiledRule",
+    "EvaluationPlan",
+    "PolicyGroup",
+    "RuleSet",
+    "StagePlan",
+    "compile_policies",
+    "evaluation_plan",
+]
+
+
+# Attributes that are a function of the verified token alone (matchers.value_predicate reads them from
+# ``view.auth``, and only on HTTP): their outcome is memoized per RequestAuth object, which the
+# authenticator shares between the checks carrying the same cached token.
+AUTH_ATTRIBUTES = frozenset(
+    {"request.auth.principal", "request.auth.audiences", "request.auth.presenter", "request.auth.claims"}
+)
+# Identities whose outcome a field keeps; past it the memo is dropped whole (cold-token floods).
+MAX_MEMOIZED_IDENTITIES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,14 +57,43 @@ class CompiledField:
     not_clause: str
     positive: tuple[ValuePredicate, ...]
     negative: tuple[ValuePredicate, ...]
+    # id(auth) -> (auth, outcome) for AUTH_ATTRIBUTES fields; the auth is held, so its id stays unique.
+    _by_auth: dict[int, tuple[RequestAuth, str | None]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def failure(self, view: RequestView) -> str | None:
         """``None`` if the field matches, else the clause (``from[0].source.principals``) that failed."""
-        if self.positive and not any(p(view) for p in self.positive):
-            return self.clause
-        if self.negative and any(p(view) for p in self.negative):
-            return self.not_clause
+        memo = self._by_auth
+        auth = view.auth
+        if memo is None or auth is None or view.http is None:
+            return self._failure(view)
+        hit = memo.get(id(auth))
+        if hit is not None and hit[0] is auth:
+            return hit[1]
+        failed = self._failure(view)
+        if len(memo) >= MAX_MEMOIZED_IDENTITIES:
+            memo.clear()
+        memo[id(auth)] = (auth, failed)
+        return failed
+
+    def _failure(self, view: RequestView) -> str | None:
+        # Plain loops, not any(<generator>): this runs for every candidate rule of every check.
+        if self.positive:
+            for p in self.positive:
+                if p(view):
+                    break
+            else:
+                return self.clause
+        for p in self.negative:
+            if p(view):
+                return self.not_clause
         return None
+
+
+# Distinct trace entries kept per rule: one per (stage, failed clause); a rule has few clauses, so the
+# bound only matters for rules with many ``from``/``to`` alternatives.
+MAX_TRACE_ENTRIES_PER_RULE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +104,23 @@ class CompiledRule:
     sources: tuple[tuple[CompiledField, ...], ...] | None
     operations: tuple[tuple[CompiledField, ...], ...] | None
     conditions: tuple[CompiledField, ...]
+    # The AND of every check of the rule, in the order of :meth:`failure`, when ``from`` and ``to`` have
+    # at most one entry each (the common case): evaluated as one flat loop.
+    flat: tuple[CompiledField, ...] | None = field(default=None, compare=False, repr=False)
+    # Trace entries are values: built once per (stage, clause) and shared by every check.
+    _entries: dict[tuple[str, str | None], TraceEntry] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def failure(self, view: RequestView) -> str | None:
         """``None`` if the rule matches; else the first clause that failed (spec §1.5)."""
+        flat = self.flat
+        if flat is not None:
+            for f in flat:
+                failed = f.failure(view)
+                if failed is not None:
+                    return failed
+            return None
         if self.operations is not None:
             failed = _first_entry_failure(self.operations, view)
             if failed is not None:
@@ -70,6 +134,32 @@ class CompiledRule:
             if failed is not None:
                 return failed
         return None
+
+    def trace_entry(self, stage: str, failed: str | None) -> TraceEntry:
+        """The trace entry for this rule at ``stage``: matched when ``failed`` is ``None``, else naming
+        the clause that failed. Entries are immutable, so each distinct one is built once."""
+        entry = self._entries.get((stage, failed))
+        if entry is None:
+            policy = self.policy.policy_name
+            if failed is None:
+                entry = TraceEntry(stage, policy, self.index, True, clause=f"rules[{self.index}]")
+            else:
+                entry = TraceEntry(stage, policy, self.index, False, clause=failed)
+            if len(self._entries) < MAX_TRACE_ENTRIES_PER_RULE:
+                self._entries[(stage, failed)] = entry
+        return entry
+
+
+def _flat_checks(
+    sources: tuple[tuple[CompiledField, ...], ...] | None,
+    operations: tuple[tuple[CompiledField, ...], ...] | None,
+    conditions: tuple[CompiledField, ...],
+) -> tuple[CompiledField, ...] | None:
+    """The rule's checks as one AND (operations, sources, conditions: :meth:`CompiledRule.failure`'s
+    order), or ``None`` when ``from`` or ``to`` is an OR of several entries."""
+    if (sources is not None and len(sources) > 1) or (operations is not None and len(operations) > 1):
+        return None
+    return (*(operations[0] if operations else ()), *(sources[0] if sources else ()), *conditions)
 
 
 def _first_entry_failure(entries: tuple[tuple[CompiledField, ...], ...], view: RequestView) -> str | None:
@@ -152,6 +242,7 @@ def _compile_field(
         not_clause=not_clause,
         positive=preds(fm.values),
         negative=preds(fm.not_values),
+        _by_auth={} if fm.attribute in AUTH_ATTRIBUTES else None,
     )
 
 
@@ -184,17 +275,21 @@ def _compile_rule(
             out.append(kept)
         return tuple(out)
 
+    sources = entries(rule.sources, "from", "source")
+    operations = entries(rule.operations, "to", "operation")
+    conditions = tuple(
+        _compile_field(fm, f"when[{i}]", policy, mesh, condition=True)
+        for i, fm in enumerate(rule.conditions)
+        if keep(fm)
+    )
     compiled = CompiledRule(
         policy=policy,
         index=index,
         rule_id=policy.rule_id(index),
-        sources=entries(rule.sources, "from", "source"),
-        operations=entries(rule.operations, "to", "operation"),
-        conditions=tuple(
-            _compile_field(fm, f"when[{i}]", policy, mesh, condition=True)
-            for i, fm in enumerate(rule.conditions)
-            if keep(fm)
-        ),
+        sources=sources,
+        operations=operations,
+        conditions=conditions,
+        flat=_flat_checks(sources, operations, conditions),
     )
     # Every indexed attribute is HTTP-only, so the TCP variant is never indexed.
     return compiled, (None if tcp else operation_keys(rule.operations))
@@ -202,6 +297,73 @@ def _compile_rule(
 
 # Per namespace: groups without a selector, and groups indexed by one (label key, value) of their selector.
 _NamespaceGroups = tuple[tuple[PolicyGroup, ...], Mapping[tuple[str, str], tuple[PolicyGroup, ...]]]
+
+# Workloads whose evaluation plan is memoized. A sidecar authorizer sees one workload, a shared one a few
+# hundred; past the bound the memo is dropped whole and rebuilt from the traffic that follows.
+MAX_CACHED_PLANS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    """For one workload and protocol: the non-empty rule indexes (:class:`RuleSet` ``index``) of each
+    evaluation stage, across the workload's groups, in group order. ``dry_deny``/``dry_allow`` are
+    ``None`` when no dry-run policy of that action selects the workload; ``allow`` is ``None`` when no
+    enforced ALLOW policy does."""
+
+    audit: tuple[RuleIndex[CompiledRule], ...]
+    dry_deny: tuple[RuleIndex[CompiledRule], ...] | None
+    deny: tuple[RuleIndex[CompiledRule], ...]
+    dry_allow: tuple[RuleIndex[CompiledRule], ...] | None
+    allow: tuple[RuleIndex[CompiledRule], ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationPlan:
+    """Everything :func:`authz.policy.evaluate.evaluate` needs about a workload's policies, computed
+    once per workload: the CUSTOM trace entries and a :class:`StagePlan` per protocol."""
+
+    groups: tuple[PolicyGroup, ...]
+    custom: tuple[TraceEntry, ...]
+    http: StagePlan
+    tcp: StagePlan
+
+
+def _stage_plan(groups: Sequence[PolicyGroup], *, tcp: bool) -> StagePlan:
+    def sets(action: Action, dry_run: bool) -> tuple[RuleIndex[CompiledRule], ...]:
+        found = (g.rules(action, dry_run, tcp) for g in groups)
+        return tuple(rs.index for rs in found if rs is not None and rs.index is not None and rs.index.rules)
+
+    has_dry_deny = any(g.has_dry_run.get(Action.DENY) for g in groups)
+    has_dry_allow = any(g.has_dry_run.get(Action.ALLOW) for g in groups)
+    has_allow = any(g.has_enforced_allow for g in groups)
+    return StagePlan(
+        audit=sets(Action.AUDIT, False),
+        dry_deny=sets(Action.DENY, True) if has_dry_deny else None,
+        deny=sets(Action.DENY, False),
+        dry_allow=sets(Action.ALLOW, True) if has_dry_allow else None,
+        allow=sets(Action.ALLOW, False) if has_allow else None,
+    )
+
+
+def evaluation_plan(groups: Sequence[PolicyGroup]) -> EvaluationPlan:
+    """The plan for a workload selected by ``groups`` (:meth:`CompiledPolicies.groups_for`)."""
+    custom = tuple(
+        TraceEntry(
+            "custom",
+            policy.policy_name,
+            None,
+            False,
+            clause=f"not evaluated: CUSTOM provider {policy.provider!r}",
+        )
+        for group in groups
+        for policy in group.custom
+    )
+    return EvaluationPlan(
+        groups=tuple(groups),
+        custom=custom,
+        http=_stage_plan(groups, tcp=False),
+        tcp=_stage_plan(groups, tcp=True),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +375,34 @@ class CompiledPolicies:
     groups_by_namespace: Mapping[
         str, tuple[tuple[PolicyGroup, ...], Mapping[tuple[str, str], tuple[PolicyGroup, ...]]]
     ]
+    # Memos of :meth:`plan_for`: id(workload) -> (workload, plan), the workload held so that its id
+    # cannot be reused by another object while the entry exists; and (namespace, labels) -> plan for
+    # callers that build a new, equal Workload per request. Workloads are values: their labels must not
+    # be mutated once built.
+    _plans_by_id: dict[int, tuple[Workload, EvaluationPlan]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _plans: dict[tuple[str, frozenset[tuple[str, str]]], EvaluationPlan] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def plan_for(self, workload: Workload) -> EvaluationPlan:
+        """The :class:`EvaluationPlan` of ``workload``, memoized: callers that reuse their
+        :class:`Workload` values (the engine does) pay for scoping once per workload."""
+        entry = self._plans_by_id.get(id(workload))
+        if entry is not None and entry[0] is workload:
+            return entry[1]
+        key = (workload.namespace, frozenset(workload.labels.items()))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = evaluation_plan(self.groups_for(workload))
+            if len(self._plans) >= MAX_CACHED_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        if len(self._plans_by_id) >= MAX_CACHED_PLANS:
+            self._plans_by_id.clear()
+        self._plans_by_id[id(workload)] = (workload, plan)
+        return plan
 
     def groups_for(self, workload: Workload) -> list[PolicyGroup]:
         """Groups whose policies select ``workload`` (root namespace + its own; spec §1.2)."""

@@ -12,10 +12,10 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from authz.decision import Reason, ShadowResult, TraceEntry
-from authz.policy.compile import CompiledPolicies, CompiledRule, PolicyGroup, _rule_key
+from authz.decision import Reason, ShadowResult, TraceEntry, value_builder
+from authz.policy.compile import CompiledPolicies, CompiledRule, _rule_key
+from authz.policy.index import RuleIndex
 from authz.policy.matchers import RequestView
-from authz.policy.model import Action
 from authz.request import Request, RequestAuth, Workload
 
 __all__ = ["NO_ALLOW_MATCH_POLICY_ID", "PolicyResult", "evaluate"]
@@ -39,36 +39,20 @@ class PolicyResult:
     normalized_path: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class _Lookup:
-    """The attributes the rule index is keyed by; all ``None`` on TCP."""
-
-    tcp: bool
-    path: str | None
-    method: str | None
-    host: str | None
-
-
-def _lookup(request: Request, path: str) -> _Lookup:
-    http = request.http
-    if http is None:
-        return _Lookup(True, None, None, None)
-    # As RequestView sees them (authz.policy.matchers): the normalized path, the raw method, the
-    # host or None when empty.
-    return _Lookup(False, path, http.method, http.host or None)
+_build_result = value_builder(PolicyResult)  # PolicyResult(...) at half the cost: one per check
 
 
 def _candidates(
-    groups: Iterable[PolicyGroup], action: Action, dry_run: bool, at: _Lookup
+    indexes: tuple[RuleIndex[CompiledRule], ...], path: str | None, method: str | None, host: str | None
 ) -> Iterable[CompiledRule]:
-    """Rules of ``action`` that could match, merged across groups in Envoy's order (rule id)."""
+    """Rules of one stage that could match, merged across groups in Envoy's order (rule id)."""
+    if len(indexes) == 1:  # one group: its candidates are already in order
+        return indexes[0].candidates(path, method, host)
     lists = []
-    for group in groups:
-        rs = group.rules(action, dry_run, at.tcp)
-        if rs:
-            found = rs.candidates(at.path, at.method, at.host)
-            if found:
-                lists.append(found)
+    for index in indexes:
+        found = index.candidates(path, method, host)
+        if found:
+            lists.append(found)
     if not lists:
         return ()
     if len(lists) == 1:
@@ -81,11 +65,9 @@ def _first_match(
 ) -> CompiledRule | None:
     for rule in rules:
         failed = rule.failure(view)
-        policy = rule.policy.policy_name
+        trace.append(rule.trace_entry(stage, failed))  # shared, immutable entries: no allocation
         if failed is None:
-            trace.append(TraceEntry(stage, policy, rule.index, True, clause=f"rules[{rule.index}]"))
             return rule
-        trace.append(TraceEntry(stage, policy, rule.index, False, clause=failed))
     return None
 
 
@@ -100,60 +82,64 @@ def evaluate(
     """Decide ``request`` for ``workload``. ``path`` is the normalized path without query
     (:func:`authz.policy.normalize.normalize_path`); ``request.http is None`` means TCP."""
     view = RequestView(request, auth, path)
-    at = _lookup(request, path)
-    groups = compiled.groups_for(workload)
-    trace: list[TraceEntry] = []
+    plan = compiled.plan_for(workload)
+    http = request.http
+    # The attributes the rule index is keyed by, as RequestView sees them (authz.policy.matchers): the
+    # normalized path, the raw method, the host or None when empty; all None on TCP.
+    if http is None:
+        stages = plan.tcp
+        at_path = method = host = None
+    else:
+        stages = plan.http
+        at_path, method, host = path, http.method, http.host or None
 
     # 1. CUSTOM: delegated to other providers, never decided here (spec §1.4 step 1).
-    for group in groups:
-        for policy in group.custom:
-            trace.append(
-                TraceEntry(
-                    "custom",
-                    policy.policy_name,
-                    None,
-                    False,
-                    clause=f"not evaluated: CUSTOM provider {policy.provider!r}",
-                )
-            )
+    trace: list[TraceEntry] = list(plan.custom)
 
     # 3. AUDIT marks the request; the decision is unchanged.
-    audit = _first_match(_candidates(groups, Action.AUDIT, False, at), view, "audit", trace)
+    audit = None
+    if stages.audit:
+        audit = _first_match(_candidates(stages.audit, at_path, method, host), view, "audit", trace)
     audit_id = audit.rule_id if audit else ""
 
     # Dry-run DENY runs as the DENY filter's shadow engine.
     shadow: ShadowResult | None = None
-    if any(g.has_dry_run.get(Action.DENY) for g in groups):
-        dry_deny = _first_match(_candidates(groups, Action.DENY, True, at), view, "dry-run-deny", trace)
+    if stages.dry_deny is not None:
+        dry_deny = _first_match(
+            _candidates(stages.dry_deny, at_path, method, host), view, "dry-run-deny", trace
+        )
         shadow = ShadowResult(allowed=dry_deny is None, policy_id=dry_deny.rule_id if dry_deny else "")
 
     # 4. DENY
-    deny = _first_match(_candidates(groups, Action.DENY, False, at), view, "deny", trace)
-    if deny is not None:
-        return PolicyResult(
-            allowed=False,
-            reason=Reason.DENIED_BY_POLICY,
-            policy_id=deny.rule_id,
-            trace=tuple(trace),
-            audit=audit is not None,
-            audit_policy_id=audit_id,
-            shadow=shadow,
-            normalized_path=path,
-        )
+    if stages.deny:
+        deny = _first_match(_candidates(stages.deny, at_path, method, host), view, "deny", trace)
+        if deny is not None:
+            return _build_result(
+                allowed=False,
+                reason=Reason.DENIED_BY_POLICY,
+                policy_id=deny.rule_id,
+                trace=tuple(trace),
+                audit=audit is not None,
+                audit_policy_id=audit_id,
+                shadow=shadow,
+                normalized_path=path,
+            )
 
     # Dry-run ALLOW runs as the ALLOW filter's shadow engine (reached only if DENY did not deny).
-    if any(g.has_dry_run.get(Action.ALLOW) for g in groups) and (shadow is None or shadow.allowed):
-        dry_allow = _first_match(_candidates(groups, Action.ALLOW, True, at), view, "dry-run-allow", trace)
+    if stages.dry_allow is not None and (shadow is None or shadow.allowed):
+        dry_allow = _first_match(
+            _candidates(stages.dry_allow, at_path, method, host), view, "dry-run-allow", trace
+        )
         shadow = ShadowResult(
             allowed=dry_allow is not None,
             policy_id=dry_allow.rule_id if dry_allow else NO_ALLOW_MATCH_POLICY_ID,
         )
 
     # 5. ALLOW: default deny iff an enforced ALLOW policy selects the workload.
-    if any(g.has_enforced_allow for g in groups):
-        allow = _first_match(_candidates(groups, Action.ALLOW, False, at), view, "allow", trace)
+    if stages.allow is not None:
+        allow = _first_match(_candidates(stages.allow, at_path, method, host), view, "allow", trace)
         if allow is None:
-            return PolicyResult(
+            return _build_result(
                 allowed=False,
                 reason=Reason.NO_ALLOW_MATCH,
                 policy_id=NO_ALLOW_MATCH_POLICY_ID,
@@ -163,7 +149,7 @@ def evaluate(
                 shadow=shadow,
                 normalized_path=path,
             )
-        return PolicyResult(
+        return _build_result(
             allowed=True,
             reason=Reason.ALLOWED_BY_POLICY,
             policy_id=allow.rule_id,
@@ -175,7 +161,7 @@ def evaluate(
         )
 
     # 6. allow
-    return PolicyResult(
+    return _build_result(
         allowed=True,
         reason=Reason.ALLOWED_NO_POLICY,
         policy_id="",

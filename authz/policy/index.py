@@ -227,15 +227,16 @@ class RuleIndex(Generic[T]):
     def candidates(self, path: str | None, method: str | None, host: str | None) -> Sequence[T]:
         """Candidate rules for an HTTP request with these attributes; pass ``None`` for all three on
         TCP (no indexed rule can match: every indexed attribute is HTTP-only)."""
-        if not self.indexed:
+        by_path, by_host, by_method = self.by_path, self.by_host, self.by_method
+        if by_path is None and by_host is None and by_method is None:  # self.indexed, inlined
             return self.scan
         hits: list[list[int]] = []
-        if path is not None and self.by_path is not None:
-            self.by_path.lookup(path, hits)
-        if host and self.by_host is not None:
-            self.by_host.lookup(host, hits)
-        if method is not None and self.by_method is not None:
-            self.by_method.lookup(method, hits)
+        if path is not None and by_path is not None:
+            by_path.lookup(path, hits)
+        if host and by_host is not None:
+            by_host.lookup(host, hits)
+        if method is not None and by_method is not None:
+            by_method.lookup(method, hits)
         if not hits:
             return self.scan
         rules = self.rules

@@ -22,12 +22,13 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 
-from authz.decision import Decision
+from authz.decision import Decision, value_builder
 from authz.errors import MalformedRequest
 from authz.metrics import INTERNAL_ERRORS
 from authz.request import HttpAttributes, Peer, Request
@@ -77,6 +78,10 @@ def _classify(name: bytes) -> tuple[str, int]:
 
 # A check request carries no body unless Envoy is configured to buffer one; cap what we accept.
 MAX_BODY_BYTES = 1024 * 1024
+_NO_PEER = Peer()
+# Request(...) and HttpAttributes(...) at half the cost: one of each per check.
+_build_request = value_builder(Request)
+_build_http = value_builder(HttpAttributes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,40 @@ def _split_hostport(value: str) -> tuple[str, int]:
         return value, 0
 
 
+# Connection facts derived from the trusted headers (peers, SNI, workload scope), kept by the headers'
+# values: behind one Envoy they repeat per downstream connection. Dropped whole when full.
+MAX_CACHED_FACTS = 1024
+_Facts = tuple[Peer, Peer, str, Mapping[str, str]]
+_facts_cache: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, int] | None], _Facts] = {}
+_NO_EXTENSIONS: Mapping[str, str] = MappingProxyType({})
+
+
+def _trusted_facts(trusted: Mapping[str, str], peer: tuple[str, int]) -> _Facts:
+    """Source and destination peers, SNI and context extensions from Envoy's marked headers."""
+    facts = {k: v[1:] for k, v in trusted.items() if v.startswith(TRUSTED_VALUE_MARKER)}
+    get = facts.get
+    cert = get(H_PEER_CERTIFICATE, "")
+    src_addr = get(H_SOURCE_ADDRESS, "")
+    address, port = _split_hostport(src_addr) if src_addr else peer
+    src = Peer(
+        address=address,
+        port=port,
+        principal=get(H_SOURCE_PRINCIPAL, ""),
+        certificate=unquote(cert) if cert else "",
+    )
+    dst_addr = get(H_DESTINATION_ADDRESS, "")
+    d_address, d_port = _split_hostport(dst_addr) if dst_addr else ("", 0)
+    dst = Peer(address=d_address, port=d_port, principal=get(H_DESTINATION_PRINCIPAL, ""))
+    ext: dict[str, str] = {}
+    namespace = get(H_NAMESPACE)
+    if namespace is not None:
+        ext["namespace"] = namespace
+    labels = get(H_LABELS)
+    if labels is not None:
+        ext["labels"] = labels
+    return src, dst, get(H_SNI, ""), MappingProxyType(ext) if ext else _NO_EXTENSIONS
+
+
 def build_request(
     method: str,
     raw_path: str,
@@ -117,41 +156,28 @@ def build_request(
         path = path[len(settings.path_prefix) :] or "/"
     if trusted is None:
         trusted = {name: headers.pop(name) for name in TRUSTED_HEADERS if name in headers}
-    ext: dict[str, str] = {}
-    src = Peer(address=peer[0], port=peer[1])
-    dst = Peer()
-    sni = ""
     if settings.trust_envoy_headers and trusted:
-        facts = {k: v[1:] for k, v in trusted.items() if v.startswith(TRUSTED_VALUE_MARKER)}
-        get = facts.get
-        cert = get(H_PEER_CERTIFICATE, "")
-        src_addr = get(H_SOURCE_ADDRESS, "")
-        address, port = _split_hostport(src_addr) if src_addr else peer
-        src = Peer(
-            address=address,
-            port=port,
-            principal=get(H_SOURCE_PRINCIPAL, ""),
-            certificate=unquote(cert) if cert else "",
-        )
-        dst_addr = get(H_DESTINATION_ADDRESS, "")
-        d_address, d_port = _split_hostport(dst_addr) if dst_addr else ("", 0)
-        dst = Peer(address=d_address, port=d_port, principal=get(H_DESTINATION_PRINCIPAL, ""))
-        sni = get(H_SNI, "")
-        namespace = get(H_NAMESPACE)
-        if namespace is not None:
-            ext["namespace"] = namespace
-        labels = get(H_LABELS)
-        if labels is not None:
-            ext["labels"] = labels
+        # The facts are a pure function of the headers (and of the connection's peer address when
+        # Envoy did not send the source address), so equal headers share one immutable value.
+        key = (tuple(trusted), tuple(trusted.values()), None if H_SOURCE_ADDRESS in trusted else peer)
+        found = _facts_cache.get(key)
+        if found is None:
+            found = _trusted_facts(trusted, peer)
+            if len(_facts_cache) >= MAX_CACHED_FACTS:
+                _facts_cache.clear()
+            _facts_cache[key] = found
+        src, dst, sni, ext = found
+    else:
+        src, dst, sni, ext = Peer(address=peer[0], port=peer[1]), _NO_PEER, "", _NO_EXTENSIONS
     host = headers.get("host", "")
     headers[":authority"] = host
     headers[":method"] = method
     headers[":path"] = path
-    return Request(
+    return _build_request(
         source=src,
         destination=dst,
         # llhttp already enforced RFC 9110 token and field-value syntax on every header.
-        http=HttpAttributes(method=method, host=host, path=path, headers=headers, validated=True),
+        http=_build_http(method=method, host=host, path=path, headers=headers, validated=True),
         sni=sni,
         context_extensions=ext,
     )
@@ -199,6 +225,27 @@ def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
 class HttpExtAuthzProtocol(asyncio.Protocol):
     """One connection from Envoy's HTTP ext_authz client. Requests are answered in order."""
 
+    # Slots: the parser callbacks read and write these on every header of every check.
+    __slots__ = (
+        "_bad_header",
+        "_body_bytes",
+        "_check",
+        "_closing",
+        "_draining",
+        "_error",
+        "_header_bytes",
+        "_header_count",
+        "_headers",
+        "_malformed",
+        "_parser",
+        "_peer",
+        "_queue",
+        "_settings",
+        "_transport",
+        "_trusted",
+        "_url",
+    )
+
     def __init__(
         self,
         check: Checker,
@@ -212,9 +259,11 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[str, int] = ("", 0)
         self._url = b""
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] = {}
+        self._trusted: dict[str, str] = {}
         self._header_count = 0
         self._header_bytes = 0
+        self._bad_header = False
         self._body_bytes = 0
         self._error: MalformedRequest | None = None
         self._queue: deque[tuple[Request | MalformedRequest, bool]] = deque()
@@ -249,9 +298,11 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._url = b""
-        self._raw_headers = []
+        self._headers = {}
+        self._trusted = {}
         self._header_bytes = 0
         self._header_count = 0
+        self._bad_header = False
         self._body_bytes = 0
         self._error = None
 
@@ -261,35 +312,29 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._error = MalformedRequest(f"path longer than {MAX_PATH_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Only collect here (a call per header from C); decoding happens once per message.
-        self._header_bytes += len(name) + len(value)
-        self._header_count += 1
-        if self._header_bytes <= MAX_HEADERS_BYTES and self._header_count <= MAX_HEADER_COUNT:
-            self._raw_headers.append((name, value))  # past a limit, keep counting but stop storing
-
-    def _decode_headers(self) -> tuple[dict[str, str], dict[str, str]]:
-        """Lower-case names, UTF-8 values, duplicates joined with ``,``; the ``x-authz-*`` apart."""
-        raw = self._raw_headers
-        if self._header_bytes > MAX_HEADERS_BYTES or self._header_count > MAX_HEADER_COUNT:
-            raise MalformedRequest("request headers too large")
-        headers: dict[str, str] = {}
-        trusted: dict[str, str] = {}
-        names = _NAMES
+        """Decode each header as it arrives (one call per complete header from C): lower-case names,
+        UTF-8 values, duplicates joined with ``,``; the ``x-authz-*`` apart. Past a limit, count but
+        stop storing; the message is refused once complete."""
+        size = self._header_bytes + len(name) + len(value)
+        count = self._header_count + 1
+        self._header_bytes = size
+        self._header_count = count
+        if size > MAX_HEADERS_BYTES or count > MAX_HEADER_COUNT or self._bad_header:
+            return
         try:
-            for name, value in raw:
-                known = names.get(name)
-                if known is None:
-                    known = _classify(name)
-                key, kind = known
-                if kind == _HOP:
-                    continue
-                text = value.decode("utf-8")
-                target = trusted if kind == _TRUSTED else headers
-                prev = target.get(key)
-                target[key] = text if prev is None else f"{prev},{text}"
+            known = _NAMES.get(name)
+            if known is None:
+                known = _classify(name)
+            key, kind = known
+            if kind == _HOP:
+                return
+            text = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise MalformedRequest("header is not valid UTF-8") from None
-        return headers, trusted
+            self._bad_header = True
+            return
+        target = self._headers if kind == _PLAIN else self._trusted
+        prev = target.get(key)
+        target[key] = text if prev is None else f"{prev},{text}"
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -305,9 +350,17 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             try:
                 method = self._parser.get_method().decode("ascii")
                 path = self._url.decode("utf-8")
-                headers, trusted = self._decode_headers()
+                if self._header_bytes > MAX_HEADERS_BYTES or self._header_count > MAX_HEADER_COUNT:
+                    raise MalformedRequest("request headers too large")
+                if self._bad_header:
+                    raise MalformedRequest("header is not valid UTF-8")
                 item = build_request(
-                    method, path, headers, peer=self._peer, settings=self._settings, trusted=trusted
+                    method,
+                    path,
+                    self._headers,
+                    peer=self._peer,
+                    settings=self._settings,
+                    trusted=self._trusted,
                 )
             except UnicodeDecodeError:
                 item = MalformedRequest("path is not valid UTF-8")

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from authz.authn import Authenticator
+from authz.authn.testing import SigningKey, jwks_document
 from authz.clock import FrozenClock
 from authz.config import MeshConfig
 from authz.decision_log import DecisionLog
@@ -180,3 +181,72 @@ async def test_xfcc_identity_only_when_trusted() -> None:
     assert (untrusted.allowed, untrusted.principal) == (False, "")
     trusted = await engine(peer_trust=PeerTrust(trust_xfcc=True, trust_domain="cluster.local")).check(request)
     assert (trusted.allowed, trusted.principal) == (True, FRONTEND)
+
+
+def jwt_snapshot(key: SigningKey, *, required_sub: str = "alice") -> Snapshot:
+    jwks = json.dumps(jwks_document(key))
+    return snapshot(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt, namespace: orders}\n"
+        f"spec: {{jwtRules: [{{issuer: 'https://idp.test', jwks: '{jwks}'}}]}}\n"
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: by-token, namespace: orders}\n"
+        f"spec: {{rules: [{{from: [{{source: {{requestPrincipals: ['https://idp.test/{required_sub}']}}}}]}}]}}\n"
+    )
+
+
+def bearer_request(token: str, labels: str = "app=orders") -> Request:
+    return Request(
+        source=Peer(address="10.0.0.9"),
+        http=HttpAttributes(
+            method="GET", host="orders", path="/", headers={"authorization": f"Bearer {token}"}
+        ),
+        context_extensions={"namespace": "orders", "labels": labels},
+    )
+
+
+async def test_repeated_checks_of_a_token_keep_their_answers_across_swaps() -> None:
+    # The engine memoizes workloads, jwtRules per workload and snapshot, and identity fields per
+    # authentication result: repeats must answer as the first check did, and a swap must be seen.
+    key = SigningKey.generate("RS256", kid="k1")
+    clock = FrozenClock(1_700_000_000.0)
+    snap = jwt_snapshot(key)
+    e = Engine(
+        snap,
+        mesh=MeshConfig(),
+        authenticator=Authenticator(settings=snap.authn_settings, clock=clock),
+        clock=clock,
+    )
+    alice = key.sign({"iss": "https://idp.test", "sub": "alice", "exp": 1_700_000_600, "scope": "a b"})
+    bob = key.sign({"iss": "https://idp.test", "sub": "bob", "exp": 1_700_000_600})
+    for _ in range(3):
+        ok = await e.check(bearer_request(alice))
+        assert (ok.allowed, ok.request_principal) == (True, "https://idp.test/alice")
+        assert dict(ok.claims) == {
+            "iss": "https://idp.test",
+            "sub": "alice",
+            "exp": 1_700_000_600,
+            "scope": "a b",
+        }
+        with pytest.raises(TypeError):
+            ok.claims["sub"] = "mallory"  # type: ignore[index]  # shared between decisions: read-only
+        no = await e.check(bearer_request(bob))
+        assert (no.allowed, no.request_principal, no.reason) == (
+            False,
+            "https://idp.test/bob",
+            "no_allow_match",
+        )
+        assert (await e.check(bearer_request("garbage"))).status == 401
+    e.swap(jwt_snapshot(key, required_sub="bob"))
+    assert not (await e.check(bearer_request(alice))).allowed
+    assert (await e.check(bearer_request(bob))).allowed
+    e.swap(snapshot())  # no RequestAuthentication any more: a garbage token is not even looked at
+    assert (await e.check(bearer_request("garbage"))).reason == "no_allow_match"
+
+
+async def test_workload_memo_follows_the_default_workload() -> None:
+    e = engine()
+    bare = Request(source=Peer(address="10.0.0.9", principal=FRONTEND), http=HttpAttributes(path="/"))
+    assert (await e.check(bare)).reason == "allowed_no_policy"  # default workload: default/{}
+    e.default_workload = Workload("orders", {"app": "orders"})
+    assert (await e.check(bare)).reason == "allowed_by_policy"

@@ -261,6 +261,59 @@ async def test_cached_tokens_skip_verification_and_never_suspend(
     assert done.value.value.auth == first.auth
 
 
+async def test_cached_results_are_shared_per_token_and_location(
+    authn: Authenticator, rsa_key: SigningKey
+) -> None:
+    rules = (inline_rule(rsa_key),)
+    token = rsa_key.sign(claims())
+    in_header, in_param = bearer(token), request(f"/?access_token={token}")
+    for _ in range(2):  # the second round is answered from the memo: same answers
+        from_header = await authn.authenticate(in_header, rules)
+        from_param = await authn.authenticate(in_param, rules)
+        assert from_header.headers.remove == ("authorization",)  # the token header is stripped...
+        assert from_param.headers.remove == ()  # ...a query parameter is not
+        assert from_header.auth == from_param.auth and from_header.auth is not None
+    assert await authn.authenticate(in_header, rules) is from_header
+
+
+async def test_new_settings_drop_cached_results(
+    authn: Authenticator, rsa_key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = (inline_rule(rsa_key),)
+    req = bearer(rsa_key.sign(claims()))
+    first = await authn.authenticate(req, rules)
+    calls: list[str] = []
+    real_verify = authenticator_module.verify
+
+    def counting_verify(*args: Any, **kwargs: Any) -> Any:
+        calls.append("verify")
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(authenticator_module, "verify", counting_verify)
+    authn.update_settings(AuthnSettings())
+    again = await authn.authenticate(req, rules)
+    assert calls == ["verify"] and again is not first and again.auth == first.auth
+
+
+async def test_remembered_header_values_still_expire_count_and_see_query_tokens(
+    authn: Authenticator, rsa_key: SigningKey, clock: FrozenClock
+) -> None:
+    rules = (inline_rule(rsa_key),)
+    req = bearer(rsa_key.sign(claims(exp=NOW + 10)))
+    for _ in range(3):  # verified, then cached, then answered from the header value it was seen with
+        assert (await authn.authenticate(req, rules)).ok
+    before = hits()
+    assert (await authn.authenticate(req, rules)).ok
+    assert hits() == before + 1  # still a token cache hit
+    # Another token in the query: both are checked, whatever the header value says.
+    assert req.http is not None
+    with_query = Request(http=HttpAttributes(path="/?access_token=garbage", headers=req.http.headers))
+    assert not (await authn.authenticate(with_query, rules)).ok
+    clock.advance(10 + 61)
+    result = await authn.authenticate(req, rules)
+    assert result.error is not None and result.error.reason == "expired"
+
+
 async def test_cached_token_fast_path_costs_microseconds(authn: Authenticator, rsa_key: SigningKey) -> None:
     rule = inline_rule(rsa_key)
     rules = (rule,)
@@ -336,6 +389,22 @@ async def test_rotation_removing_a_key_revokes_its_cached_tokens(
     assert (await a.authenticate(bearer(new.sign(claims(exp=NOW + 3600))), [REMOTE_RULE])).ok
     await asyncio.sleep(0.01)
     assert idp.fetches == 2
+    result = await a.authenticate(req, [REMOTE_RULE])
+    assert result.error is not None and result.error.reason == "unknown_kid"
+
+
+async def test_rotation_revokes_tokens_remembered_by_header_value(
+    remote: Callable[..., tuple[Authenticator, RotatingIdp]], clock: FrozenClock
+) -> None:
+    old, new = SigningKey.generate("ES256", kid="old"), SigningKey.generate("ES256", kid="new")
+    a, idp = remote(old, new)
+    req = bearer(old.sign(claims(exp=NOW + 3600)))
+    for _ in range(3):
+        assert (await a.authenticate(req, [REMOTE_RULE])).ok
+    idp.keys = [new]
+    clock.advance(400)
+    assert (await a.authenticate(bearer(new.sign(claims(exp=NOW + 3600))), [REMOTE_RULE])).ok
+    await asyncio.sleep(0.01)
     result = await a.authenticate(req, [REMOTE_RULE])
     assert result.error is not None and result.error.reason == "unknown_kid"
 

@@ -125,6 +125,45 @@ def test_extract_after_prefix_yields_token_characters_or_the_whole_value(value: 
     assert out == value or (out and set(out) <= allowed and out in value[start:])
 
 
+_TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+
+
+def _extract_reference(value: str, start: int) -> str:
+    """extractor.cc ``extractJWT`` said plainly: skip non-token characters, take the run that follows."""
+    i = start
+    while i < len(value) and value[i] not in _TOKEN_CHARS:
+        i += 1
+    j = i
+    while j < len(value) and value[j] in _TOKEN_CHARS:
+        j += 1
+    return value[i:j] if j > i else value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.text(alphabet=st.sampled_from(_TOKEN_CHARS + " ,;\u00e9\x00"), max_size=40)
+    | st.text(max_size=40),
+    start=st.integers(min_value=0, max_value=45),
+)
+def test_extract_after_prefix_equals_the_character_scan(value: str, start: int) -> None:
+    assert extract_after_prefix(value, start) == _extract_reference(value, start)
+
+
+@pytest.mark.parametrize(
+    ("value", "start", "expected"),
+    [
+        ("Bearer abc.def-_1", 7, "abc.def-_1"),  # the whole rest (the fast path)
+        ("Bearer abc def", 7, "abc"),
+        ("Bearer  ,abc", 7, "abc"),
+        ("Bearer \u00e9abc", 7, "abc"),  # non-ASCII is not a token character
+        ("Bearer ", 7, "Bearer "),  # nothing after the prefix: the whole value (Envoy compatibility)
+        ("Bearer ;;", 7, "Bearer ;;"),
+    ],
+)
+def test_extract_after_prefix_examples(value: str, start: int, expected: str) -> None:
+    assert extract_after_prefix(value, start) == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(path=st.text(max_size=80), cookie=st.text(max_size=80), auth=st.text(max_size=80))
 def test_extractor_never_raises(path: str, cookie: str, auth: str) -> None:

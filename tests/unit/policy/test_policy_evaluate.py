@@ -9,7 +9,10 @@ from policy_helpers import decide_both, policies_from
 
 from authz.config import MeshConfig
 from authz.decision import Reason
+from authz.policy.compile import compile_policies
+from authz.policy.evaluate import evaluate
 from authz.policy.explain import explain
+from authz.request import HttpAttributes, Request, RequestAuth, Workload
 
 SP = "spiffe://cluster.local/ns/foo/sa/sleep"
 
@@ -385,3 +388,33 @@ def test_path_index_with_many_rules_keeps_semantics() -> None:
     assert len(r.trace) <= 2  # only the indexed rule (and none of the other 299) was evaluated
     assert decide_both(pols, R(path="/wild")).allowed
     assert not decide_both(pols, R(path="/p123", method="POST")).allowed
+
+
+def test_one_compiled_set_decides_many_identities_and_workloads() -> None:
+    # The compiled set memoizes per workload (its plan) and per token identity (token fields): equal
+    # inputs, repeated or not, and different ones interleaved must each get their own answer.
+    compiled = compile_policies(
+        policies_from(
+            P(
+                "  selector: {matchLabels: {app: a}}\n  rules:\n"
+                "  - from:\n    - source: {requestPrincipals: ['https://idp/alice']}\n"
+                "    when:\n    - key: request.auth.claims[scope]\n      values: [write]\n"
+            )
+        )
+    )
+    alice = RequestAuth(claims={"iss": "https://idp", "sub": "alice", "scope": "read write"})
+    alice_read = RequestAuth(claims={"iss": "https://idp", "sub": "alice", "scope": "read"})
+    bob = RequestAuth(claims={"iss": "https://idp", "sub": "bob", "scope": "write"})
+    http = Request(http=HttpAttributes(path="/x"))
+    selected, other = Workload("foo", {"app": "a"}), Workload("foo", {"app": "b"})
+    for _ in range(2):
+        for workload in (selected, Workload("foo", {"app": "a"})):
+            assert evaluate(compiled, http, workload, alice, path="/x").allowed
+            denied = evaluate(compiled, http, workload, alice_read, path="/x")
+            assert not denied.allowed and denied.trace[-1].clause == "when[0].values"
+            denied = evaluate(compiled, http, workload, bob, path="/x")
+            assert not denied.allowed and denied.trace[-1].clause == "from[0].source.requestPrincipals"
+            assert not evaluate(compiled, http, workload, None, path="/x").allowed
+        assert evaluate(compiled, http, other, bob, path="/x").reason == Reason.ALLOWED_NO_POLICY
+        # TCP: the rule uses HTTP-only fields, so the ALLOW policy denies every connection.
+        assert not evaluate(compiled, Request(), selected, alice, path="").allowed

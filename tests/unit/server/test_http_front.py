@@ -168,3 +168,32 @@ async def test_checks_that_wait_are_answered_in_order() -> None:
     finally:
         server.close()
     assert data.index(b"200 OK") < data.index(b"403 Forbidden")
+
+
+async def test_connection_facts_follow_the_headers_of_each_request() -> None:
+    # Facts derived from the trusted headers are shared between equal header sets: each request must
+    # still get the facts of its own headers, and the connection's own address when Envoy sent none.
+    def check(principal: bytes, namespace: bytes) -> bytes:
+        return (
+            b"GET /ok HTTP/1.1\r\nHost: a\r\nx-authz-source-principal: +" + principal + b"\r\n"
+            b"x-authz-destination-address: +10.0.0.2:8080\r\nx-authz-namespace: +" + namespace + b"\r\n"
+            b"x-authz-peer-certificate: +%2D%2D%2D\r\n\r\n"
+        )
+
+    a, b = b"spiffe://td/ns/a/sa/x", b"spiffe://td/ns/b/sa/y"
+    raw = check(a, b"one") + check(b, b"two") + check(a, b"one")
+    _, first = await roundtrip(raw)
+    _, second = await roundtrip(check(a, b"one"))
+    seen = first.seen + second.seen
+    assert [(r.source.principal, r.context_extensions["namespace"]) for r in seen] == [
+        (a.decode(), "one"),
+        (b.decode(), "two"),
+        (a.decode(), "one"),
+        (a.decode(), "one"),
+    ]
+    assert {(r.destination.address, r.destination.port, r.source.certificate) for r in seen} == {
+        ("10.0.0.2", 8080, "---")
+    }
+    # No x-authz-source-address: the source is the connection's peer, so two connections differ.
+    assert seen[0].source.port == seen[2].source.port != seen[3].source.port
+    assert all(r.source.address == "127.0.0.1" and r.source.port > 0 for r in seen)
