@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
-from authz.decision import Decision, HeaderOps, Reason
+from authz.decision import Decision, HeaderOps, Reason, value_builder
 from authz.errors import DependencyError
 from authz.proxy.http1 import valid_header_name, valid_header_value
 from authz.proxy.message import ProxyResponse, local_response
-from authz.request import HttpAttributes, Peer, Request, Workload
+from authz.request import EMPTY_MAP, HttpAttributes, Peer, Request, Workload
 
 __all__ = [
     "AllowAll",
@@ -42,10 +42,18 @@ class AllowAll:
 
 def joined_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
     """Lower-case names, duplicate values joined with ``,`` (RFC 9110 §5.3)."""
-    out: dict[str, str] = {}
+    out = dict(headers)  # no repeated name (the usual request): one C-level pass
+    if len(out) == len(headers):
+        return out
+    out = {}
     for k, v in headers:
         out[k] = f"{out[k]},{v}" if k in out else v
     return out
+
+
+# Built on every inbound check: keyword constructors that skip the frozen dataclass __setattr__ detour.
+_build_request = value_builder(Request)
+_build_http = value_builder(HttpAttributes)
 
 
 def build_request(
@@ -62,10 +70,10 @@ def build_request(
 ) -> Request:
     """The :class:`authz.request.Request` for an inbound HTTP request (path as the listener normalized it,
     query kept; headers joined)."""
-    return Request(
+    return _build_request(
         source=source,
         destination=destination,
-        http=HttpAttributes(
+        http=_build_http(
             method=method,
             host=authority,
             path=target,
@@ -75,6 +83,8 @@ def build_request(
             id=request_id,
             validated=True,  # authz.proxy.http1 (llhttp + our checks) already refused malformed requests
         ),
+        context_extensions=EMPTY_MAP,
+        metadata=EMPTY_MAP,
         remote_ip=source.address,
     )
 
@@ -103,6 +113,25 @@ def _safe(pairs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
     return [(k.lower(), v) for k, v in pairs if valid_header_name(k.lower()) and valid_header_value(v)]
 
 
+_CompiledOps = tuple[frozenset[str], tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
+_compiled_ops: dict[HeaderOps, _CompiledOps] = {}
+_MAX_COMPILED_OPS = 1024
+"""Distinct header changes kept compiled; an engine returns a handful (one per policy outcome)."""
+
+
+def _compile_ops(ops: HeaderOps) -> _CompiledOps:
+    """(names to drop, headers to add upstream, response headers), validated, once per distinct ops."""
+    compiled = _compiled_ops.get(ops)
+    if compiled is None:
+        sets = _safe(ops.set)
+        drop = frozenset({"host", *(k.lower() for k in ops.remove), *(k for k, _ in sets)})
+        compiled = (drop, (*sets, *_safe(ops.append)), tuple(_safe(ops.response)))
+        if len(_compiled_ops) >= _MAX_COMPILED_OPS:
+            _compiled_ops.clear()
+        _compiled_ops[ops] = compiled
+    return compiled
+
+
 def apply_allow(
     ops: HeaderOps, headers: list[tuple[str, str]]
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -112,12 +141,10 @@ def apply_allow(
     """
     if not (ops.set or ops.append or ops.remove or ops.response):
         return headers, []
-    sets = _safe(ops.set)
-    drop = {k.lower() for k in ops.remove} | {k for k, _ in sets}
-    out = [(k, v) for k, v in headers if k not in drop and k != "host"]
-    out.extend(sets)
-    out.extend(_safe(ops.append))
-    return out, _safe(ops.response)
+    drop, added, response = _compile_ops(ops)
+    out = [(k, v) for k, v in headers if k not in drop]
+    out += added
+    return out, list(response)
 
 
 class GrpcAuthorizer:

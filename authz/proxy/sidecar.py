@@ -107,6 +107,8 @@ def peer_authentication_mode(
     return mode
 
 
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the request's ``protocol`` attribute, made once
+
 _OUTBOUND_REPLACED = frozenset({"x-request-id", XFCC_HEADER, *TRACE_HEADERS})
 
 
@@ -150,7 +152,10 @@ class Sidecar:
         self.outbound: Listener | None = None
         self.admin: Listener | None = None
         self._allow_all = isinstance(self.authorizer, AllowAll)  # mode none: no request to build, no check
-        self._authz_results = {r: self.metrics.authz.labels(r) for r in ("allow", "deny", "error")}
+        # The labelled children's bound ``inc``, looked up once (``labels()`` costs several µs per call).
+        self._count_allow = self.metrics.authz.labels("allow").inc
+        self._count_deny = self.metrics.authz.labels("deny").inc
+        self._count_error = self.metrics.authz.labels("error").inc
 
     # -- configuration -------------------------------------------------------------------------------------
     def _load_identity(self, config: SidecarConfig) -> None:
@@ -259,7 +264,6 @@ class Sidecar:
         self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo
     ) -> ProxyResponse:
         gen = self._gen
-        s = gen.config.settings
         try:  # the HCM normalizes before any filter: the authorizer and the app see the same path
             req.target = gen.paths.normalize(req.target)
         except MalformedRequest:
@@ -268,9 +272,9 @@ class Sidecar:
         req.headers = gen.xfcc.apply(req.headers, conn.peer.certificate if conn.tls else "")
         rid = self._request_id(req)
         info.request_id = rid
-        decision = None
+        response_headers: list[tuple[str, str]] = []
         if self._allow_all:
-            self._authz_results["allow"].inc()
+            self._count_allow()
         else:
             source, destination = self._peers(gen, conn)
             request = build_request(
@@ -279,7 +283,7 @@ class Sidecar:
                 target=req.target,
                 headers=req.headers,
                 scheme=req.scheme,
-                protocol=f"HTTP/{req.version}",
+                protocol=_PROTOCOLS.get(req.version) or f"HTTP/{req.version}",
                 source=source,
                 destination=destination,
                 request_id=rid,
@@ -288,19 +292,22 @@ class Sidecar:
                 decision = await self.authorizer.check(request, self.workload)
             except Exception as exc:  # fail closed unless told otherwise (Envoy failure_mode_allow)
                 log.warning("authorizer failed: %s", exc)
-                self._authz_results["error"].inc()
+                self._count_error()
+                s = gen.config.settings
                 if not s.authorizer.fail_open:
                     info.flags.add("UAEX")
                     return deny_response(
                         error_decision("authorization service unavailable", s.authorizer.status_on_error)
                     )
-        response_headers: list[tuple[str, str]] = []
-        if decision is not None:
-            self._authz_results["allow" if decision.allowed else "deny"].inc()
-            if not decision.allowed:
-                info.flags.add("UAEX")
-                return deny_response(decision)
-            req.headers, response_headers = apply_allow(decision.headers, req.headers)
+            else:
+                if not decision.allowed:
+                    self._count_deny()
+                    info.flags.add("UAEX")
+                    return deny_response(decision)
+                self._count_allow()
+                ops = decision.headers
+                if ops.set or ops.append or ops.remove or ops.response:
+                    req.headers, response_headers = apply_allow(ops, req.headers)
         if gen.inbound is None:
             info.flags.add("NR")
             return local_response(404, "no local application configured")
@@ -313,10 +320,15 @@ class Sidecar:
     @staticmethod
     def _request_id(req: ProxyRequest) -> str:
         """Keep the client's ``x-request-id`` when it is one sane value, else set a fresh one."""
-        given = [v for k, v in req.headers if k == "x-request-id"]
-        rid = request_id(",".join(given) if given else None)
+        headers = req.headers
+        given = [v for k, v in headers if k == "x-request-id"]
+        if not given:  # the usual case: add a fresh id, nothing to take out
+            rid = request_id(None)
+            req.headers = [*headers, ("x-request-id", rid)]
+            return rid
+        rid = request_id(",".join(given))
         if len(given) != 1 or rid != given[0]:
-            req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"]
+            req.headers = [(k, v) for k, v in headers if k != "x-request-id"]
             req.headers.append(("x-request-id", rid))
         return rid
 
