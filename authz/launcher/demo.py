@@ -162,9 +162,9 @@ def step_bad_token(state: MeshState, client: httpx.Client) -> StepResult:
 
 def step_with_token(state: MeshState, client: httpx.Client, token: str) -> StepResult:
     """A token from the IdP: 200; orders sees ``x-jwt-sub``, not the token (Istio ``forwardOriginalToken``
-    defaults to false). Behind Envoy (v1) it also sees the caller's SPIFFE ID in XFCC (Envoy
-    ``forward_client_cert_details: SANITIZE_SET``); the bundled proxy (v2) checks the same SVID but passes
-    no XFCC on, so for v2 the principal shows only in that the request was allowed."""
+    defaults to false). Behind either sidecar it also sees the caller's SPIFFE ID in XFCC: Envoy (v1) and
+    the bundled proxy (v2) both run ``forward_client_cert_details: SANITIZE_SET`` with Subject, URI and DNS
+    set, as istiod configures sidecar inbound listeners."""
     reply = call_frontend(state, token, client=client)
     orders = _body(reply).get("orders", {})
     identity = orders.get("identity", {}) if isinstance(orders, dict) else {}
@@ -173,14 +173,10 @@ def step_with_token(state: MeshState, client: httpx.Client, token: str) -> StepR
     ok = (
         reply.status_code == 200
         and identity.get("x-jwt-sub") == state.client_id
-        and (version != "v1" or spiffe_id("frontend") in xfcc)
+        and spiffe_id("frontend") in xfcc
         and orders.get("authorization_forwarded") is False
     )
-    caller = (
-        f"caller {spiffe_id('frontend')} ({'in' if spiffe_id('frontend') in xfcc else 'NOT in'} XFCC)"
-        if version == "v1"
-        else "caller checked by its sidecar (no XFCC behind the bundled proxy)"
-    )
+    caller = f"caller {spiffe_id('frontend')} ({'in' if spiffe_id('frontend') in xfcc else 'NOT in'} XFCC)"
     return StepResult(
         "a token from the IdP lets it through",
         ok,

@@ -114,6 +114,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_TIMEOUT)
 
 
 @pytest.fixture
@@ -149,8 +150,9 @@ def test_bad_token_gets_401_with_a_challenge(mesh: RunningMesh, client: httpx.Cl
 
 
 def test_token_lets_it_through_with_identity_headers(mesh: RunningMesh, client: httpx.Client) -> None:
-    """Through the canary: v1 (Envoy) adds XFCC naming the frontend; both strip the token, both add
-    x-jwt-sub. Ten requests at 90/10 see v1 at least once (all v2: p = 1e-10)."""
+    """Through the canary: both v1 (Envoy) and v2 (bundled proxy) set XFCC naming the frontend and this
+    sidecar, strip the token and add x-jwt-sub. Ten requests at 90/10 see v1 at least once (all v2:
+    p = 1e-10)."""
     token = demo.fetch_token(mesh.state, client=client)
     versions = []
     for _ in range(10):
@@ -159,10 +161,11 @@ def test_token_lets_it_through_with_identity_headers(mesh: RunningMesh, client: 
         identity = result.details["identity"]
         assert identity["x-jwt-sub"] == mesh.state.client_id
         assert result.details["orders"]["authorization_forwarded"] is False
-        if result.details["version"] == "v1":
-            assert f"URI={spiffe_id('frontend')}" in identity["x-forwarded-client-cert"]
-        else:
-            assert result.details["version"] == "v2" and "x-forwarded-client-cert" not in identity
+        xfcc = identity["x-forwarded-client-cert"]
+        assert f"URI={spiffe_id('frontend')}" in xfcc
+        assert xfcc.startswith(f"By={spiffe_id('orders')};"), xfcc
+        assert xfcc.count("By=") == 1  # SANITIZE_SET: one element, this hop's
+        assert result.details["version"] in ("v1", "v2")
         assert result.ok
         versions.append(result.details["version"])
     assert "v1" in versions
