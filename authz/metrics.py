@@ -1,8 +1,14 @@
-"""Prometheus metrics, one registry per process, served by the admin endpoint at ``/metrics``."""
+"""Prometheus metrics, one registry per process, served by the admin endpoint at ``/metrics``.
+
+The ones every check updates (checks, check duration, token cache lookups) are :mod:`authz.loop_metrics`
+(plain numbers updated from the event loop, the same exposition); the rest are ``prometheus_client``'s.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from authz import loop_metrics
 
 __all__ = [
     "CHECKS",
@@ -17,13 +23,13 @@ __all__ = [
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-CHECKS = Counter(
+CHECKS = loop_metrics.Counter(
     "meshauthz_checks",
     "Authorization checks by decision and reason",
     ["decision", "reason"],
     registry=REGISTRY,
 )
-CHECK_LATENCY = Histogram(
+CHECK_LATENCY = loop_metrics.Histogram(
     "meshauthz_check_duration_seconds",
     "Time to decide one check, from request received to decision built",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
@@ -52,7 +58,7 @@ JWKS_FETCHES = Counter(
     ["issuer", "result"],
     registry=REGISTRY,
 )
-TOKEN_CACHE = Counter(
+TOKEN_CACHE = loop_metrics.Counter(
     "meshauthz_token_cache",
     "Verified-token cache lookups by result (hit, miss)",
     ["result"],

@@ -2,13 +2,18 @@
 
 Istio standard metrics: ``istio_requests_total`` (COUNTER) and ``istio_request_duration_milliseconds``
 (DISTRIBUTION), labelled with reporter, source/destination and ``response_code``/``response_flags``.
+The per-request ones (requests, duration, authorization checks) are :mod:`authz.loop_metrics`: plain
+numbers updated from the proxy's event loop, with the same exposition as ``prometheus_client``'s.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+
+from authz.loop_metrics import Counter as LoopCounter
+from authz.loop_metrics import Histogram as LoopHistogram
 
 __all__ = ["LABELS", "MAX_CACHED_SERIES", "ProxyMetrics"]
 
@@ -33,10 +38,10 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "istio_requests", "Requests handled by the proxy", LABELS, registry=self.registry
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "istio_request_duration_milliseconds",
             "Request duration as seen by the proxy",
             LABELS,
@@ -55,7 +60,7 @@ class ProxyMetrics:
             ["route", "field"],
             registry=self.registry,
         )
-        self.authz = Counter(
+        self.authz = LoopCounter(
             "meshauthz_proxy_authz_checks",
             "Inbound authorization checks by result",
             ["result"],

@@ -235,7 +235,7 @@ async def test_legacy_hmac_issuer_uses_settings_secrets(clock: FrozenClock) -> N
 
 
 def hits() -> float:
-    return TOKEN_CACHE.labels(result="hit")._value.get()
+    return TOKEN_CACHE.labels(result="hit").value
 
 
 async def test_cached_tokens_skip_verification_and_never_suspend(

@@ -16,6 +16,7 @@ MODULES = [
     "lb",
     "listener",
     "loader",
+    "local_reply",
     "message",
     "metrics",
     "mirror",
@@ -71,6 +72,7 @@ def test_proxy_imports_only_shared_values_and_siblings() -> None:
         "authz.engine",
         "authz.runtime",
         "authz.eventloop",
+        "authz.loop_metrics",  # lock-free counters for per-request metrics (a utility, no policy logic)
         "authz.config",  # a shared value (PathNormalization, meshConfig's enum)
         # Envoy's HCM path normalization: the proxy forwards exactly the path the engine matches policies
         # against, so both must use this one implementation (a pure function, no policy internals).
