@@ -21,13 +21,14 @@ from authz.authn import (
     load_request_authentications,
     resolve_secrets,
 )
+from authz.authn.jwk import JwksError, parse_jwks
 from authz.config import MeshConfig
 from authz.errors import ConfigError, ConfigErrors
 from authz.policy import CompiledPolicies, PolicyWarning, compile_policies, load_authorization_policies
 from authz.request import Workload
-from authz.resources import Resource, load_resources
+from authz.resources import Resource, format_path, load_resources
 
-__all__ = ["Snapshot", "build_snapshot", "load_snapshot"]
+__all__ = ["Snapshot", "build_snapshot", "inline_jwks_warnings", "load_snapshot"]
 
 
 @dataclass(eq=False)
@@ -103,6 +104,7 @@ def build_snapshot(
         errors.extend(exc.errors)
     try:
         ras = list(load_request_authentications(resources))
+        warnings.extend(inline_jwks_warnings(resources))
     except ConfigErrors as exc:
         errors.extend(exc.errors)
     try:
@@ -135,3 +137,35 @@ def load_snapshot(paths: Sequence[Path], mesh: MeshConfig, *, generation: int, l
     return build_snapshot(
         resources, mesh, generation=generation, loaded_at=loaded_at, sources=[str(p) for p in paths]
     )
+
+
+def inline_jwks_warnings(resources: Iterable[Resource]) -> list[PolicyWarning]:
+    """A RequestAuthentication whose inline ``jwks`` carries private key members (RFC 7518 section 6.3.2
+    ``d``, ``p``, ``q``, ...; section 6.4.1 ``k``) works (only the public part is used) but has leaked a
+    secret into a policy file: say so, naming the file, line and field."""
+    found: list[PolicyWarning] = []
+    for res in resources:
+        if res.kind != "RequestAuthentication" or not isinstance(res.spec, dict):
+            continue
+        rules = res.spec.get("jwtRules")
+        for i, rule in enumerate(rules if isinstance(rules, list) else ()):
+            jwks = rule.get("jwks") if isinstance(rule, dict) else None
+            if not isinstance(jwks, str) or not jwks:
+                continue
+            try:
+                private = parse_jwks(jwks, source="jwks").has_private_material
+            except JwksError:  # reported as an error by the loader
+                continue
+            if private:
+                path = ("spec", "jwtRules", i, "jwks")
+                found.append(
+                    PolicyWarning(
+                        f"RequestAuthentication {res.namespace}/{res.name}: the inline JWKS contains private "
+                        "key material (d, p, q, ... or k); publish only public keys and rotate this one",
+                        file=res.file,
+                        line=res.line_of(path),
+                        field=format_path(path),
+                        code="jwks_private_key",
+                    )
+                )
+    return found

@@ -152,7 +152,8 @@ def normalize_path(raw: str, mode: PathNormalization) -> str:
 
 # Regexes, not per-character Python loops: these run on every header of every request.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2 token
-_TOKEN_LIST = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?: [!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+# Header names joined by " ", each a token optionally after the ":" of an HTTP/2 pseudo-header.
+_NAME_LIST = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?: :?[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
 _BAD_FIELD_VALUE = re.compile(r"[\r\n\x00]")  # RFC 9110 section 5.5
 _BAD_HOST_CHAR = re.compile(r"[\x00-\x20\x7f]")
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
@@ -171,8 +172,8 @@ def check_http_request(http: HttpAttributes) -> None:
     headers: Mapping[str, str] = http.headers
     # Two regex scans per request over the joined names and values; per-header work only to name the
     # culprit once something is wrong. A name containing the separator shows up as an extra space.
-    names = " ".join(n[1:] if n[:1] == ":" else n for n in headers)
-    names_ok = not headers or (names.count(" ") == len(headers) - 1 and _TOKEN_LIST.fullmatch(names))
+    names = " ".join(headers)
+    names_ok = not headers or (names.count(" ") == len(headers) - 1 and _NAME_LIST.fullmatch(names))
     if not names_ok or _BAD_FIELD_VALUE.search("".join(headers.values())):
         for name, value in headers.items():
             if not _TOKEN.fullmatch(name[1:] if name.startswith(":") else name):

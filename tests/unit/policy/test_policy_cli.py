@@ -134,3 +134,30 @@ spec:
     assert run(["test", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "PASS" in out and "expected header x-sub 'al', got 'bob'" in out and "1 passed, 1 failed" in out
+
+
+def test_lint_warns_about_private_key_material_in_inline_jwks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The RA still loads (its public part verifies tokens), but lint names the leaked secret's line."""
+    from authz.authn.testing import SigningKey
+
+    key = SigningKey.generate("ES256", kid="leaked")
+    public = key.public_jwk()
+    leaked = {**public, "d": "c2VjcmV0LXNjYWxhci1ub3QtcmVhbGx5LWEta2V5LWJ1dC1mb3JtYXR0ZWQ"}
+
+    def ra(jwk: dict[str, object]) -> str:
+        return (
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+            "metadata: {name: ra, namespace: web}\nspec:\n  jwtRules:\n  - issuer: https://idp.example\n"
+            f"    jwks: '{json.dumps({'keys': [jwk]})}'\n"
+        )
+
+    (tmp_path / "ra.yaml").write_text(ra(public))
+    assert run(["lint", str(tmp_path)]) == 0
+    assert "private key material" not in capsys.readouterr().out
+    (tmp_path / "ra.yaml").write_text(ra(leaked))
+    assert run(["lint", str(tmp_path)]) == 0  # warnings only
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'ra.yaml'}:7: warning: spec.jwtRules[0].jwks:" in out
+    assert "private key material" in out

@@ -210,3 +210,34 @@ def test_check_http_request() -> None:
     ):
         with pytest.raises(MalformedRequest):
             check_http_request(bad)
+
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _reference_headers_ok(headers: dict[str, str]) -> bool:
+    """Per header, as RFC 9110 says: a name is a token (after the ``:`` of a pseudo-header), a value
+    has no CR, LF or NUL."""
+    for name, value in headers.items():
+        bare = name[1:] if name.startswith(":") else name
+        if not bare or any(c not in _TOKEN_CHARS for c in bare):
+            return False
+        if any(c in "\r\n\x00" for c in value):
+            return False
+    return True
+
+
+header_names = st.text(alphabet=_TOKEN_CHARS + ": \t\r\n\x00é", min_size=0, max_size=8)
+header_values = st.text(alphabet="ab \t\r\n\x00,é:", max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.dictionaries(header_names, header_values, max_size=6))
+def test_check_http_request_agrees_with_a_per_header_reference(headers: dict[str, str]) -> None:
+    """The joined-string fast path says exactly what checking each header alone says."""
+    http = HttpAttributes(method="GET", host="a.example", headers=headers)
+    if _reference_headers_ok(headers):
+        check_http_request(http)
+    else:
+        with pytest.raises(MalformedRequest):
+            check_http_request(http)
