@@ -22,8 +22,11 @@ from authz.proxy.model import (
     MeshView,
     RetryPolicy,
     ServiceEntry,
+    TLSSettings,
     TrafficPolicy,
+    merge_subset_policy,
 )
+from authz.proxy.origination import ORIGINATING_MODES, Origination, origination_context, policy_tls_settings
 from authz.proxy.outlier import OutlierDetector
 from authz.proxy.pool import (
     CircuitBreaker,
@@ -75,6 +78,7 @@ class Cluster:
         expected_ids: Mapping[str, tuple[str, ...]] | None = None,
         rng: random.Random | None = None,
         clock: Clock = monotonic_clock,
+        origination: Origination | None = None,
     ) -> None:
         self.name = name
         self.endpoints = endpoints
@@ -91,7 +95,13 @@ class Cluster:
         self.clock = clock
         ids = expected_ids or {}
         self.pools = {
-            e.key: EndpointPool(e, self.breaker, ssl_context=ssl_context, expected_ids=ids.get(e.key, ()))
+            e.key: EndpointPool(
+                e,
+                self.breaker,
+                ssl_context=ssl_context,
+                expected_ids=ids.get(e.key, ()),
+                origination=origination,
+            )
             for e in endpoints
         }
 
@@ -247,6 +257,16 @@ class ClusterManager:
         for dr in mesh.destination_rules:
             self._rules.setdefault(dr.host, dr)
         self._ssl_context = ssl_context
+        # DR SIMPLE/MUTUAL contexts are built now, once per distinct settings: unreadable certificate files
+        # fail the configuration (load or reload), not the first request.
+        self._origination_contexts: dict[TLSSettings, ssl.SSLContext] = {
+            tls: origination_context(tls)
+            for tls in policy_tls_settings(
+                p
+                for dr in mesh.destination_rules
+                for p in (dr.traffic_policy, *(s.traffic_policy for s in dr.subsets))
+            )
+        }
         self._trust_domain = trust_domain
         self._rng = rng or random.Random()
         self._clock = clock
@@ -262,16 +282,17 @@ class ClusterManager:
             self._clusters[key] = cluster
         return cluster
 
-    def _policy(self, key: ClusterKey) -> TrafficPolicy:
+    def _policy(self, key: ClusterKey, port: int) -> TrafficPolicy:
+        """The DestinationRule policy for service ``port`` (port-level settings first, then the subset's)."""
         dr = self._rules.get(key.host)
         if dr is None:
             return TrafficPolicy()
         if key.subset:
             for s in dr.subsets:
                 if s.name == key.subset:
-                    return s.traffic_policy.merged_over(dr.traffic_policy)
+                    return merge_subset_policy(dr.traffic_policy, s.traffic_policy, port)
             raise UnknownService(f"subset {key.subset!r} of {key.host} is not defined")
-        return dr.traffic_policy
+        return merge_subset_policy(dr.traffic_policy, None, port)
 
     def _build(self, key: ClusterKey) -> Cluster:
         se = self._services.get(key.host)
@@ -285,13 +306,20 @@ class ClusterManager:
             port = se.ports[0]
         else:
             raise UnknownService(f"{key.host} declares no ports")
-        policy = self._policy(key)
+        policy = self._policy(key, port.number)
         labels: Mapping[str, str] = {}
         if key.subset:
             dr = self._rules[key.host]
             labels = next(s.labels for s in dr.subsets if s.name == key.subset)
         tls_mode = policy.tls.mode if policy.tls else ""
         sans = policy.tls.subject_alt_names if policy.tls else ()
+        origination = None
+        if policy.tls is not None and tls_mode in ORIGINATING_MODES:
+            # Envoy auto_sni: the request's host; the destination host stands for it (one pool per endpoint)
+            origination = Origination(
+                self._origination_contexts[policy.tls], policy.tls.sni or key.host, sans
+            )
+            sans = ()  # checked by the origination, not as SPIFFE IDs
         endpoints: list[Endpoint] = []
         expected: dict[str, tuple[str, ...]] = {}
         sources = se.endpoints if se.endpoints else ()
@@ -300,7 +328,11 @@ class ClusterManager:
                 continue
             number = ep.ports.get(port.name) if port.name else None
             number = number or port.target_port or port.number
-            tls = tls_mode == "ISTIO_MUTUAL" or (tls_mode == "" and ep.labels.get(TLS_MODE_LABEL) == "istio")
+            tls = (
+                tls_mode == "ISTIO_MUTUAL"
+                or origination is not None
+                or (tls_mode == "" and ep.labels.get(TLS_MODE_LABEL) == "istio")
+            )
             identity = (
                 f"spiffe://{self._trust_domain}/ns/{se.namespace}/sa/{ep.service_account}"
                 if ep.service_account
@@ -308,13 +340,19 @@ class ClusterManager:
             )
             e = Endpoint(ep.address, number, ep.labels, identity, tls, ep.weight)
             endpoints.append(e)
+            if origination is not None:
+                continue  # a TLS-originated upstream is not a mesh workload: no SPIFFE ID to expect
             if sans:
                 expected[e.key] = sans
             elif identity:
                 expected[e.key] = (identity,)
         if not sources and se.resolution in ("DNS", "NONE"):
             endpoints.append(
-                Endpoint(key.host, port.target_port or port.number, tls=tls_mode == "ISTIO_MUTUAL")
+                Endpoint(
+                    key.host,
+                    port.target_port or port.number,
+                    tls=tls_mode == "ISTIO_MUTUAL" or origination is not None,
+                )
             )
         if not endpoints:
             raise UnknownService(f"no endpoints for {key.name}")
@@ -326,6 +364,7 @@ class ClusterManager:
             expected_ids=expected,
             rng=self._rng,
             clock=self._clock,
+            origination=origination,
         )
 
     def close(self) -> None:

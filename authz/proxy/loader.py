@@ -8,6 +8,8 @@ are ignored so that one folder can hold the whole mesh's configuration.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
@@ -21,11 +23,13 @@ from authz.proxy.model import (
     DEFAULT_TRUST_DOMAIN,
     ConnectionPoolSettings,
     DestinationRule,
+    DirectResponse,
     Fault,
     HeaderMatch,
     HeaderOperations,
     Headers,
     HTTPMatch,
+    HTTPRedirect,
     HTTPRoute,
     LoadBalancerSettings,
     MeshView,
@@ -57,6 +61,8 @@ from authz.resources import FieldPath, Resource, load_resources
 __all__ = [
     "DEFAULT_RETRY_ON",
     "DEFAULT_RETRY_POLICY",
+    "MAX_DIRECT_RESPONSE_BYTES",
+    "REDIRECT_CODES",
     "RETRY_CONDITIONS",
     "fqdn",
     "load_sidecar_config",
@@ -98,6 +104,28 @@ DEFAULT_RETRY_ON = frozenset(
     {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
 )
 DEFAULT_RETRY_POLICY = RetryPolicy(attempts=2, retry_on=DEFAULT_RETRY_ON)
+
+# IST route.go ApplyRedirect: the codes Envoy's RedirectAction has; any other code leaves the route without an
+# action (istiod logs "Redirect Code %d is not yet supported"), so it is an error here.
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+# IST validation.go validateHTTPDirectResponse: bodies above 1 MB are rejected ("must be less than 1MB").
+MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
+_REDIRECT_FIELDS = frozenset({"uri", "authority", "port", "derivePort", "scheme", "redirectCode"})
+_DERIVE_PORTS = ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")
+_TLS_FIELDS = frozenset(
+    {
+        "mode",
+        "clientCertificate",
+        "privateKey",
+        "caCertificates",
+        "credentialName",
+        "subjectAltNames",
+        "sni",
+        "insecureSkipVerify",
+        "caCrl",
+    }
+)
+_TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|us|µs|ns|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -150,9 +178,20 @@ def fqdn(host: str, namespace: str, domain: str = "cluster.local") -> str:
 class _Reader:
     """Typed access into one resource's ``spec``; mistakes become ConfigError naming file:line:field."""
 
-    def __init__(self, resource: Resource, errors: list[ConfigError]) -> None:
+    def __init__(self, resource: Resource, errors: list[ConfigError], base: Path | None = None) -> None:
         self.r = resource
         self.errors = errors
+        self.base = base
+
+    def file_path(self, value: Any, path: FieldPath) -> str:
+        """A file named by the configuration: resolved against its folder, and it must exist."""
+        text = self.string(value, path)
+        if not text:
+            return ""
+        resolved = Path(text) if self.base is None or Path(text).is_absolute() else self.base / text
+        if not resolved.is_file():
+            self.fail(path, f"no such file: {resolved}")
+        return str(resolved)
 
     def fail(self, path: FieldPath, message: str) -> None:
         self.errors.append(self.r.error(path, message))
@@ -420,12 +459,15 @@ def _parse_route(
         dests.append(
             RouteDestination(host, subset, port, weight, rd.headers(dm.get("headers"), (*dp, "headers")))
         )
-    if not dests and not r.get("redirect") and not r.get("directResponse"):
-        rd.fail((*path, "route"), "a route needs at least one destination")
-    if r.get("redirect") or r.get("directResponse"):
-        rd.fail(
-            (*path, "redirect" if r.get("redirect") else "directResponse"), "not supported by this proxy yet"
-        )
+    redirect = (
+        _parse_redirect(rd, r["redirect"], (*path, "redirect")) if r.get("redirect") is not None else None
+    )
+    direct = (
+        _parse_direct_response(rd, r["directResponse"], (*path, "directResponse"))
+        if r.get("directResponse") is not None
+        else None
+    )
+    _check_route_conflicts(rd, r, path, dests=bool(dests))
     if dests and sum(d.weight for d in dests) == 0:
         rd.fail((*path, "route"), "the weights of the destinations add up to 0")
     rewrite = rd.mapping(r.get("rewrite"), (*path, "rewrite"))
@@ -459,7 +501,92 @@ def _parse_route(
         mirrors=tuple(mirrors),
         headers=rd.headers(r.get("headers"), (*path, "headers")),
         compare_mirror=compare,
+        redirect=redirect,
+        direct_response=direct,
     )
+
+
+def _check_route_conflicts(rd: _Reader, r: Mapping[str, Any], path: FieldPath, *, dests: bool) -> None:
+    """IST ``validation.go`` ``validateHTTPRouteConflict``: a rule forwards (``route``), redirects or answers
+    directly, never two of them; a redirect or direct response takes no ``fault`` or ``rewrite``. Each error
+    names the field that conflicts."""
+    for local, name in (("redirect", "redirect"), ("directResponse", "direct_response")):
+        if r.get(local) is None:
+            continue
+        others = ["route", "fault", "rewrite"] + (["directResponse"] if local == "redirect" else [])
+        for other in others:
+            present = dests if other == "route" else r.get(other) is not None
+            if present:
+                rd.fail((*path, other), f"HTTP route cannot contain both {other} and {name}")
+        return
+    if not dests:
+        rd.fail((*path, "route"), "a route needs at least one destination (or a redirect or directResponse)")
+
+
+def _parse_redirect(rd: _Reader, value: Any, path: FieldPath) -> HTTPRedirect:
+    """VS ``HTTPRedirect`` validated as istiod's ``validateHTTPRedirect`` does."""
+    m = rd.mapping(value, path)
+    for key in sorted(set(m) - _REDIRECT_FIELDS, key=str):
+        rd.fail((*path, str(key)), "unknown HTTPRedirect field")
+    uri = rd.string(m.get("uri"), (*path, "uri"))
+    authority = rd.string(m.get("authority"), (*path, "authority"))
+    for key, text in (("uri", uri), ("authority", authority)):
+        if text and not valid_header_value(text):  # both end up in the Location header
+            rd.fail((*path, key), "must be a valid header value (no control characters)")
+    if authority and ("/" in authority or " " in authority):
+        rd.fail((*path, "authority"), "must be a host[:port], without a path")
+    scheme = rd.string(m.get("scheme"), (*path, "scheme"))
+    if scheme and scheme not in ("http", "https"):
+        rd.fail((*path, "scheme"), 'invalid redirect scheme, must be "http" or "https"')
+    port = None
+    if m.get("port") is not None:
+        port = rd.integer(m.get("port"), (*path, "port"), 0, lo=1, hi=65535) or None
+    derive = rd.string(m.get("derivePort"), (*path, "derivePort"))
+    if derive and derive not in _DERIVE_PORTS:
+        rd.fail((*path, "derivePort"), f"must be one of {', '.join(_DERIVE_PORTS)}")
+        derive = ""
+    if m.get("port") is not None and m.get("derivePort") is not None:
+        rd.fail((*path, "derivePort"), "port and derivePort are alternatives (a oneof): set one")
+    code = rd.integer(m.get("redirectCode"), (*path, "redirectCode"), 301)
+    code = code or 301  # IST ApplyRedirect: 0 (unset) is MOVED_PERMANENTLY
+    if code not in REDIRECT_CODES:
+        rd.fail(
+            (*path, "redirectCode"), "must be one of 301, 302, 303, 307, 308 (Envoy's RedirectAction codes)"
+        )
+    if not (uri or authority or scheme or m.get("port") is not None or m.get("derivePort") is not None):
+        rd.fail(path, "redirect must specify uri, authority, scheme, or port")
+    return HTTPRedirect(uri, authority, port, cast(Any, derive), scheme, code)
+
+
+def _parse_direct_response(rd: _Reader, value: Any, path: FieldPath) -> DirectResponse:
+    """VS ``HTTPDirectResponse`` validated as istiod's ``validateHTTPDirectResponse`` does; ``body.bytes`` is
+    base64 (the protobuf JSON mapping of ``bytes``)."""
+    m = rd.mapping(value, path)
+    for key in sorted(set(m) - {"status", "body"}, key=str):
+        rd.fail((*path, str(key)), "unknown HTTPDirectResponse field")
+    if m.get("status") is None:
+        rd.fail((*path, "status"), "status is required")
+    status = rd.integer(m.get("status"), (*path, "status"), 200, lo=200, hi=599)
+    body = b""
+    if m.get("body") is not None:
+        bp = (*path, "body")
+        bm = rd.mapping(m.get("body"), bp)
+        for key in sorted(set(bm) - {"string", "bytes"}, key=str):
+            rd.fail((*bp, str(key)), "unknown HTTPBody field")
+        kinds = [k for k in ("string", "bytes") if k in bm]
+        if len(kinds) != 1:
+            rd.fail(bp, "exactly one of string, bytes is required")
+        elif kinds[0] == "string":
+            body = rd.string(bm.get("string"), (*bp, "string")).encode()
+        else:
+            text = rd.string(bm.get("bytes"), (*bp, "bytes"))
+            try:
+                body = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                rd.fail((*bp, "bytes"), "must be base64")
+        if len(body) > MAX_DIRECT_RESPONSE_BYTES:
+            rd.fail(bp, "large direct_responses may impact control plane performance, must be less than 1MB")
+    return DirectResponse(status, body)
 
 
 def _applies_to_sidecar(rd: _Reader, gateways: Any, path: FieldPath) -> bool:
@@ -511,7 +638,8 @@ def _parse_virtual_service(rd: _Reader, settings: ProxySettings) -> VirtualServi
 # -- DestinationRule ------------------------------------------------------------------------------------
 
 
-def _parse_traffic_policy(rd: _Reader, value: Any, path: FieldPath) -> TrafficPolicy:
+def _parse_traffic_policy(rd: _Reader, value: Any, path: FieldPath, *, nested: bool = False) -> TrafficPolicy:
+    """DR ``TrafficPolicy``; ``nested`` for a ``portLevelSettings`` entry (no port levels of its own)."""
     m = rd.mapping(value, path)
     lb = None
     if "loadBalancer" in m:
@@ -583,19 +711,78 @@ def _parse_traffic_policy(rd: _Reader, value: Any, path: FieldPath) -> TrafficPo
                 om.get("maxEjectionPercent"), (*op, "maxEjectionPercent"), d2.max_ejection_percent, hi=100
             ),
         )
-    tls = None
-    if "tls" in m:
-        tm = rd.mapping(m.get("tls"), (*path, "tls"))
-        mode = rd.string(tm.get("mode"), (*path, "tls", "mode"), "DISABLE")
-        if mode not in ("DISABLE", "ISTIO_MUTUAL"):
-            rd.fail((*path, "tls", "mode"), f"TLS mode {mode!r} is not supported (DISABLE, ISTIO_MUTUAL)")
-            mode = "DISABLE"
-        sans = tuple(
-            rd.string(s, (*path, "tls", "subjectAltNames", i))
-            for i, s in enumerate(rd.seq(tm.get("subjectAltNames"), (*path, "tls", "subjectAltNames")))
+    tls = _parse_tls(rd, m.get("tls"), (*path, "tls")) if "tls" in m else None
+    port_level: list[tuple[int, TrafficPolicy]] = []
+    if "portLevelSettings" in m:
+        if nested:
+            rd.fail((*path, "portLevelSettings"), "a port-level policy cannot have portLevelSettings")
+        for i, entry in enumerate(rd.seq(m.get("portLevelSettings"), (*path, "portLevelSettings"))):
+            pp: FieldPath = (*path, "portLevelSettings", i)
+            em = rd.mapping(entry, pp)
+            selector = rd.mapping(em.get("port"), (*pp, "port"))
+            if not selector.get("number"):
+                rd.fail((*pp, "port", "number"), "port-level settings need a port number")
+                continue
+            number = rd.integer(selector.get("number"), (*pp, "port", "number"), 0, lo=1, hi=65535)
+            sections = {k: v for k, v in em.items() if k != "port"}
+            port_level.append((number, _parse_traffic_policy(rd, sections, pp, nested=True)))
+    return TrafficPolicy(lb, pool, outlier, tls, tuple(port_level))
+
+
+def _parse_tls(rd: _Reader, value: Any, path: FieldPath) -> TLSSettings:
+    """DR ``ClientTLSSettings`` (DR l.942-1031), validated as istiod's ``validateTLS`` does.
+
+    SDS (``credentialName``) and CRLs (``caCrl``) are not supported: the proxy reads PEM files only.
+    """
+    tm = rd.mapping(value, path)
+    for key in sorted(set(tm) - _TLS_FIELDS, key=str):
+        rd.fail((*path, str(key)), "unknown ClientTLSSettings field")
+    mode = rd.string(tm.get("mode"), (*path, "mode"), "DISABLE")
+    if mode not in _TLS_MODES:
+        rd.fail((*path, "mode"), f"TLS mode {mode!r} is not supported ({', '.join(_TLS_MODES)})")
+        mode = "DISABLE"
+    if tm.get("credentialName"):
+        rd.fail(
+            (*path, "credentialName"),
+            "credentialName (certificates from a Kubernetes secret over SDS) is not supported by this proxy: "
+            "give caCertificates, clientCertificate and privateKey files",
         )
-        tls = TLSSettings(cast(Any, mode), sans)
-    return TrafficPolicy(lb, pool, outlier, tls)
+    if tm.get("caCrl"):
+        rd.fail((*path, "caCrl"), "certificate revocation lists are not supported by this proxy")
+    sans = tuple(
+        rd.string(s, (*path, "subjectAltNames", i))
+        for i, s in enumerate(rd.seq(tm.get("subjectAltNames"), (*path, "subjectAltNames")))
+    )
+    files = {
+        key: rd.file_path(tm.get(key), (*path, key))
+        for key in ("caCertificates", "clientCertificate", "privateKey")
+    }
+    insecure = rd.boolean(tm.get("insecureSkipVerify"), (*path, "insecureSkipVerify"), False)
+    if mode in ("SIMPLE", "MUTUAL"):
+        # IST validation.go validateTLS: skipping verification and naming what to verify contradict.
+        if insecure and (files["caCertificates"] or sans):
+            rd.fail(
+                (*path, "insecureSkipVerify"),
+                "cannot specify caCertificates or subjectAltNames when insecureSkipVerify is set true",
+            )
+        if mode == "MUTUAL":
+            if not tm.get("clientCertificate"):
+                rd.fail((*path, "clientCertificate"), "client certificate required for mutual tls")
+            if not tm.get("privateKey"):
+                rd.fail((*path, "privateKey"), "private key required for mutual tls")
+    else:
+        for key in ("caCertificates", "clientCertificate", "privateKey"):
+            if tm.get(key):
+                rd.fail((*path, key), f"used only with mode SIMPLE or MUTUAL (mode is {mode})")
+    return TLSSettings(
+        cast(Any, mode),
+        sans,
+        ca_certificates=files["caCertificates"],
+        client_certificate=files["clientCertificate"],
+        private_key=files["privateKey"],
+        sni=rd.string(tm.get("sni"), (*path, "sni")),
+        insecure_skip_verify=insecure,
+    )
 
 
 def _parse_destination_rule(rd: _Reader) -> DestinationRule:
@@ -842,7 +1029,7 @@ def parse_resources(
     eff = found_settings or settings or ProxySettings()
     vss, drs, ses, pas = [], [], [], []
     for r in items:
-        rd = _Reader(r, errors)
+        rd = _Reader(r, errors, base)
         if r.api_version in NETWORKING_VERSIONS:
             if r.kind == "VirtualService":
                 vss.append(_parse_virtual_service(rd, eff))

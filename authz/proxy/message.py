@@ -153,8 +153,17 @@ class StreamInfo:
     attempts: int = 0
 
 
-_REASONS = {
+_REASONS = {  # the phrases Envoy writes for its local replies (redirects and direct responses included)
     200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
     400: "Bad Request",
     403: "Forbidden",
     401: "Unauthorized",

@@ -18,8 +18,10 @@ __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "ConnectionPoolSettings",
     "DestinationRule",
+    "DirectResponse",
     "Fault",
     "HTTPMatch",
+    "HTTPRedirect",
     "HTTPRoute",
     "HeaderMatch",
     "HeaderOperations",
@@ -39,6 +41,7 @@ __all__ = [
     "TrafficPolicy",
     "VirtualService",
     "WorkloadEndpoint",
+    "merge_subset_policy",
 ]
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"  # Istio MeshConfig.trustDomain default
@@ -161,8 +164,37 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTPRedirect:
+    """VS ``HTTPRedirect`` (VS l.1100-1145), kept as written; istiod's translation to Envoy's
+    ``RedirectAction`` (IST ``route.go`` ``ApplyRedirect``) runs per request in
+    :func:`authz.proxy.local_reply.redirect_location`, because ``FROM_REQUEST_PORT`` needs the request.
+
+    ``port`` None and ``derive_port`` "" = no ``redirectPort`` oneof set; ``code`` is 301 when unset.
+    """
+
+    uri: str = ""
+    authority: str = ""
+    port: int | None = None
+    derive_port: Literal["", "FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] = ""
+    scheme: str = ""
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    """VS ``HTTPDirectResponse`` (VS l.1219-1235): a fixed status and body, no upstream."""
+
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
-    """One ``http[]`` rule of a VirtualService."""
+    """One ``http[]`` rule of a VirtualService.
+
+    A rule has either ``destinations`` or exactly one of ``redirect`` / ``direct_response`` (validated by the
+    loader as istiod's ``validateHTTPRouteConflict`` does), so "no destinations" means "answer locally".
+    """
 
     name: str
     matches: tuple[HTTPMatch, ...]
@@ -176,6 +208,8 @@ class HTTPRoute:
     headers: Headers = field(default_factory=Headers)
     compare_mirror: tuple[str, ...] | None = None
     """Extension (annotation ``meshauthz.dev/compare-mirror``): headers compared with the mirror's."""
+    redirect: HTTPRedirect | None = None
+    direct_response: DirectResponse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,12 +251,26 @@ class OutlierDetection:
     max_ejection_percent: int = 10
 
 
+TLSMode = Literal["", "DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+
+
 @dataclass(frozen=True, slots=True)
 class TLSSettings:
-    """``ClientTLSSettings``; ``mode`` "" means unset (auto mTLS decides from the endpoint's labels)."""
+    """``ClientTLSSettings`` (DR l.942-1031); ``mode`` "" means unset (auto mTLS decides from the endpoint's
+    labels). File paths are resolved against the configuration folder; "" = not set.
 
-    mode: Literal["", "DISABLE", "ISTIO_MUTUAL"] = ""
+    SIMPLE / MUTUAL originate TLS to the endpoint: the chain is checked against ``ca_certificates`` (the
+    system store when ""), unless ``insecure_skip_verify``; MUTUAL also presents ``client_certificate`` with
+    ``private_key``. ``sni`` "" = the destination host (Envoy ``auto_sni``).
+    """
+
+    mode: TLSMode = ""
     subject_alt_names: tuple[str, ...] = ()
+    ca_certificates: str = ""
+    client_certificate: str = ""
+    private_key: str = ""
+    sni: str = ""
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +281,8 @@ class TrafficPolicy:
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
     tls: TLSSettings | None = None
+    port_level: tuple[tuple[int, TrafficPolicy], ...] = ()
+    """``portLevelSettings``: (service port number, its policy); the first entry for a port wins."""
 
     def merged_over(self, parent: TrafficPolicy) -> TrafficPolicy:
         return TrafficPolicy(
@@ -241,6 +291,41 @@ class TrafficPolicy:
             outlier_detection=self.outlier_detection or parent.outlier_detection,
             tls=self.tls or parent.tls,
         )
+
+    def for_port(self, port: int | None) -> tuple[TrafficPolicy, bool]:
+        """The policy for service ``port`` and whether a port-level entry chose it.
+
+        IST ``GetPortLevelTrafficPolicy``: a matching ``portLevelSettings`` entry replaces the whole policy;
+        "port level policies do not inherit", so its unset sections take the defaults, not the top level's.
+        """
+        if port is not None:
+            for number, policy in self.port_level:
+                if number == port:
+                    return policy, True
+        return self, False
+
+
+def merge_subset_policy(top: TrafficPolicy, subset: TrafficPolicy | None, port: int | None) -> TrafficPolicy:
+    """The policy of a cluster for ``port`` (and a subset), built as istiod's ``MergeSubsetTrafficPolicy``.
+
+    Port level first, on both the DestinationRule's and the subset's policy; then each section the subset
+    sets replaces the top-level one, and a subset port-level entry replaces all four sections (IST
+    ``mergeTrafficPolicy``: ``if subsetPolicy.Tls != nil || hasPortLevel``).
+    """
+    base, _ = top.for_port(port)
+    if subset is None:
+        return TrafficPolicy(base.load_balancer, base.connection_pool, base.outlier_detection, base.tls)
+    chosen, port_level = subset.for_port(port)
+    if port_level:
+        return TrafficPolicy(
+            chosen.load_balancer, chosen.connection_pool, chosen.outlier_detection, chosen.tls
+        )
+    return TrafficPolicy(
+        load_balancer=chosen.load_balancer or base.load_balancer,
+        connection_pool=chosen.connection_pool or base.connection_pool,
+        outlier_detection=chosen.outlier_detection or base.outlier_detection,
+        tls=chosen.tls or base.tls,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from authz.proxy.http1 import (
 from authz.proxy.lb import Endpoint
 from authz.proxy.model import ConnectionPoolSettings
 from authz.proxy.mtls import spiffe_id_of
+from authz.proxy.origination import Origination
 from authz.proxy.retry import Failure
 
 __all__ = [
@@ -226,10 +227,19 @@ async def connect(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
     expected_ids: tuple[str, ...] = (),
+    origination: Origination | None = None,
 ) -> UpstreamConnection:
-    """Open a connection (mTLS when ``ssl_context``); check the server's SPIFFE ID is ``expected_ids``."""
+    """Open a connection (mTLS when ``ssl_context``); check the server's SPIFFE ID is ``expected_ids``.
+
+    With ``origination`` (DR SIMPLE/MUTUAL) its context, SNI and SAN checks are used instead of the mesh's.
+    """
     loop = asyncio.get_running_loop()
     channel = Channel(ResponseParser())
+    if origination is not None:
+        ssl_context = origination.context
+        server_hostname: str | None = origination.server_hostname
+    else:
+        server_hostname = endpoint.address if ssl_context is not None else None
     try:
         async with asyncio.timeout(timeout):
             transport, _ = await loop.create_connection(
@@ -237,12 +247,18 @@ async def connect(
                 endpoint.address,
                 endpoint.port,
                 ssl=ssl_context,
-                server_hostname=endpoint.address if ssl_context is not None else None,
+                server_hostname=server_hostname,
             )
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise UpstreamError("connect_failure", f"connect to {endpoint.key} failed: {exc}") from exc
     conn = UpstreamConnection(channel, endpoint, tls=ssl_context is not None)
-    if ssl_context is not None:
+    if origination is not None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        problem = origination.problem(ssl_object.getpeercert() if ssl_object is not None else None)
+        if problem:
+            conn.close()
+            raise UpstreamError("connect_failure", problem)
+    elif ssl_context is not None:
         ssl_object = transport.get_extra_info("ssl_object")
         principal = spiffe_id_of(ssl_object.getpeercert() if ssl_object is not None else None)
         if not principal or (expected_ids and principal not in expected_ids):
@@ -274,11 +290,13 @@ class EndpointPool:
         *,
         ssl_context: Callable[[], ssl.SSLContext | None],
         expected_ids: tuple[str, ...] = (),
+        origination: Origination | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.breaker = breaker
         self._ssl_context = ssl_context
         self._expected_ids = expected_ids
+        self._origination = origination
         self._idle: list[UpstreamConnection] = []
         self._closed = False
         self._waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = collections.deque()
@@ -325,6 +343,7 @@ class EndpointPool:
                         timeout=b.settings.connect_timeout,
                         ssl_context=self._ssl_context() if self.endpoint.tls else None,
                         expected_ids=self._expected_ids,
+                        origination=self._origination,
                     )
                 except BaseException:
                     b.connections -= 1

@@ -31,6 +31,7 @@ from authz.proxy.authz_client import (
 from authz.proxy.cluster import Cluster, ClusterKey, ClusterManager, UnknownService
 from authz.proxy.lb import Endpoint, pick_weighted
 from authz.proxy.listener import ConnectionInfo, Listener
+from authz.proxy.local_reply import direct_reply, redirect_reply
 from authz.proxy.message import (
     BytesBody,
     ProxyRequest,
@@ -363,6 +364,8 @@ class Sidecar:
             return local_response(404, "")
         route = match.route
         info.route_name = route.name or match.virtual_service
+        if not route.destinations:  # redirect or directResponse (the loader allows nothing else)
+            return self._local_reply(route, req)
         # Replaced below, or (x-forwarded-client-cert) removed: the outbound HCM keeps Envoy's default
         # forward_client_cert_details SANITIZE, and the app's connection is not mutual TLS anyway.
         req.headers = [(k, v) for k, v in req.headers if k not in _OUTBOUND_REPLACED]
@@ -416,6 +419,30 @@ class Sidecar:
         response.headers = dest.headers.response.apply(route.headers.response.apply(response.headers))
         if primary_summary is not None:
             self._summarize_primary(response, route, primary_summary)
+        return response
+
+    @staticmethod
+    def _local_reply(route: HTTPRoute, req: ProxyRequest) -> ProxyResponse:
+        """Envoy's router answers a redirect / direct response route itself: no cluster, no upstream host, no
+        response flag; the route's response header operations apply (``finalizeResponseHeaders``)."""
+        if route.redirect is not None:
+            response = redirect_reply(
+                route.redirect,
+                scheme=req.scheme,
+                authority=req.authority,
+                target=req.target,
+                # Envoy's connection manager keeps a client's x-forwarded-proto on a sidecar
+                # (use_remote_address false) and sets the connection's scheme when there is none.
+                forwarded_proto=req.header("x-forwarded-proto") or req.scheme,
+            )
+        else:
+            assert route.direct_response is not None
+            response = direct_reply(route.direct_response)
+        if req.method == "HEAD" and not response.length:
+            # Envoy's local reply to HEAD carries content-length only for a non-empty body (checked against
+            # Envoy 1.40 in test_proxy_redirect_oracle.py)
+            response.length, response.no_body = None, True
+        response.headers = route.headers.response.apply(response.headers)
         return response
 
     def _roll(self, percent: float) -> bool:

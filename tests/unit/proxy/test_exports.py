@@ -22,6 +22,7 @@ MODULES = [
     "mirror",
     "model",
     "mtls",
+    "origination",
     "outlier",
     "paths",
     "pool",
