@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from authz.config import DEFAULT_MESH, MeshConfig
@@ -26,10 +26,12 @@ from authz.request import RequestAuth, Workload
 from authz.workload import selects
 
 __all__ = [
+    "MAX_MEMOIZED_OUTCOMES",
     "CompiledField",
     "CompiledPolicies",
     "CompiledRule",
     "EvaluationPlan",
+    "InputReader",
     "PolicyGroup",
     "RuleSet",
     "StagePlan",
@@ -317,15 +319,115 @@ class StagePlan:
     allow: tuple[RuleIndex[CompiledRule], ...] | None
 
 
+InputReader = Callable[[RequestView], object]
+"""Reads one request attribute a plan's rules depend on (a hashable value) from a :class:`RequestView`."""
+
+# Outcomes an EvaluationPlan remembers; past the bound the memo is dropped whole (floods of distinct
+# requests or tokens only cost the memo's upkeep).
+MAX_MEMOIZED_OUTCOMES = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class EvaluationPlan:
     """Everything :func:`authz.policy.evaluate.evaluate` needs about a workload's policies, computed
-    once per workload: the CUSTOM trace entries and a :class:`StagePlan` per protocol."""
+    once per workload: the CUSTOM trace entries and a :class:`StagePlan` per protocol.
+
+    ``inputs`` reads every request attribute that any of the plan's rules looks at beyond the ones every
+    evaluation keys on (protocol, normalized path, method, host, the token identity): the outcome of
+    evaluating the plan is a pure function of those values, so ``memo`` keeps outcomes by them.
+    ``inputs`` is ``None`` when a rule reads something that cannot key a memo (dynamic metadata).
+    """
 
     groups: tuple[PolicyGroup, ...]
     custom: tuple[TraceEntry, ...]
     http: StagePlan
     tcp: StagePlan
+    inputs: tuple[InputReader, ...] | None = None
+    memo: dict[tuple[object, ...], tuple[object, object]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+
+def _source_principal(view: RequestView) -> object:
+    return view.request.source.principal
+
+
+def _source_ip(view: RequestView) -> object:
+    return view.request.source.address
+
+
+def _remote_ip(view: RequestView) -> object:
+    return view.request.remote_ip or view.request.source.address
+
+
+def _destination_ip(view: RequestView) -> object:
+    return view.request.destination.address
+
+
+def _destination_port(view: RequestView) -> object:
+    return view.request.destination.port
+
+
+def _sni(view: RequestView) -> object:
+    return view.request.sni
+
+
+# What each attribute's predicates (authz.policy.matchers.value_predicate) read, beyond the key every
+# evaluation has: None = nothing more (path, method, host, request.auth.*: keyed always).
+_INPUT_OF_ATTRIBUTE: dict[str, InputReader | None] = {
+    "source.principal": _source_principal,
+    "source.namespace": _source_principal,
+    "source.serviceAccount": _source_principal,
+    "source.trustDomain": _source_principal,
+    "source.ip": _source_ip,
+    "remote.ip": _remote_ip,
+    "destination.ip": _destination_ip,
+    "destination.port": _destination_port,
+    "connection.sni": _sni,
+    "request.host": None,
+    "request.method": None,
+    "request.path": None,
+    "request.auth.principal": None,
+    "request.auth.audiences": None,
+    "request.auth.presenter": None,
+    "request.auth.claims": None,
+}
+
+
+def _header_input(name: str) -> InputReader:
+    def read(view: RequestView) -> object:
+        return view.header(name)
+
+    return read
+
+
+def _plan_inputs(stages: Sequence[StagePlan]) -> tuple[InputReader, ...] | None:
+    """The readers of every attribute the rules of ``stages`` match on, or None if one cannot be keyed."""
+    readers: dict[object, InputReader] = {}
+    for stage in stages:
+        for indexes in (stage.audit, stage.dry_deny, stage.deny, stage.dry_allow, stage.allow):
+            for index in indexes or ():
+                for rule in index.rules:
+                    for match in _field_matches(rule):
+                        attribute = match.attribute
+                        if attribute == "request.headers":
+                            readers.setdefault(("header", match.key[0]), _header_input(match.key[0]))
+                        elif attribute in _INPUT_OF_ATTRIBUTE:
+                            reader = _INPUT_OF_ATTRIBUTE[attribute]
+                            if reader is not None:
+                                readers.setdefault(attribute, reader)
+                        else:  # experimental.envoy.filters (request metadata) or anything new: no memo
+                            return None
+    return tuple(readers.values())
+
+
+def _field_matches(rule: CompiledRule) -> Iterable[FieldMatch]:
+    for entries in (rule.sources or (), rule.operations or ()):
+        for entry in entries:
+            for compiled in entry:
+                yield compiled.match
+    for compiled in rule.conditions:
+        yield compiled.match
 
 
 def _stage_plan(groups: Sequence[PolicyGroup], *, tcp: bool) -> StagePlan:
@@ -358,11 +460,10 @@ def evaluation_plan(groups: Sequence[PolicyGroup]) -> EvaluationPlan:
         for group in groups
         for policy in group.custom
     )
+    http = _stage_plan(groups, tcp=False)
+    tcp = _stage_plan(groups, tcp=True)
     return EvaluationPlan(
-        groups=tuple(groups),
-        custom=custom,
-        http=_stage_plan(groups, tcp=False),
-        tcp=_stage_plan(groups, tcp=True),
+        groups=tuple(groups), custom=custom, http=http, tcp=tcp, inputs=_plan_inputs((http, tcp))
     )
 
 

@@ -13,7 +13,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from authz.decision import Reason, ShadowResult, TraceEntry, value_builder
-from authz.policy.compile import CompiledPolicies, CompiledRule, _rule_key
+from authz.policy.compile import (
+    MAX_MEMOIZED_OUTCOMES,
+    CompiledPolicies,
+    CompiledRule,
+    EvaluationPlan,
+    _rule_key,
+)
 from authz.policy.index import RuleIndex
 from authz.policy.matchers import RequestView
 from authz.request import Request, RequestAuth, Workload
@@ -83,6 +89,28 @@ def evaluate(
     (:func:`authz.policy.normalize.normalize_path`); ``request.http is None`` means TCP."""
     view = RequestView(request, auth, path)
     plan = compiled.plan_for(workload)
+    inputs = plan.inputs
+    if inputs is None:
+        return _evaluate(plan, view, request, path)
+    # The outcome is a pure function of the plan and of what its rules read (EvaluationPlan.inputs); the
+    # token identity is keyed by the RequestAuth object, held by the entry so that its id stays unique.
+    http = request.http
+    if http is None:
+        key: tuple[object, ...] = (None, path, None, None, id(auth), *[read(view) for read in inputs])
+    else:
+        key = (True, path, http.method, http.host, id(auth), *[read(view) for read in inputs])
+    memo = plan.memo
+    hit = memo.get(key)
+    if hit is not None and hit[0] is auth:
+        return hit[1]  # type: ignore[return-value]
+    result = _evaluate(plan, view, request, path)
+    if len(memo) >= MAX_MEMOIZED_OUTCOMES:
+        memo.clear()
+    memo[key] = (auth, result)
+    return result
+
+
+def _evaluate(plan: EvaluationPlan, view: RequestView, request: Request, path: str) -> PolicyResult:
     http = request.http
     # The attributes the rule index is keyed by, as RequestView sees them (authz.policy.matchers): the
     # normalized path, the raw method, the host or None when empty; all None on TCP.
