@@ -154,7 +154,13 @@ def normalize_path(raw: str, mode: PathNormalization) -> str:
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2 token
 # Header names joined by " ", each a token optionally after the ":" of an HTTP/2 pseudo-header.
 _NAME_LIST = re.compile(r":?[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?: :?[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
-_BAD_FIELD_VALUE = re.compile(r"[\r\n\x00]")  # RFC 9110 section 5.5
+
+
+def _bad_field_value(value: str) -> bool:
+    """CR, LF or NUL in a field value (RFC 9110 section 5.5); three C-level scans beat a regex class."""
+    return "\n" in value or "\r" in value or "\x00" in value
+
+
 _BAD_HOST_CHAR = re.compile(r"[\x00-\x20\x7f]")
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -174,11 +180,11 @@ def check_http_request(http: HttpAttributes) -> None:
     # culprit once something is wrong. A name containing the separator shows up as an extra space.
     names = " ".join(headers)
     names_ok = not headers or (names.count(" ") == len(headers) - 1 and _NAME_LIST.fullmatch(names))
-    if not names_ok or _BAD_FIELD_VALUE.search("".join(headers.values())):
+    if not names_ok or _bad_field_value("".join(headers.values())):
         for name, value in headers.items():
             if not _TOKEN.fullmatch(name[1:] if name.startswith(":") else name):
                 raise MalformedRequest(f"invalid header name {name[:64]!r}", reason="malformed_header")
-            if _BAD_FIELD_VALUE.search(value):
+            if _bad_field_value(value):
                 raise MalformedRequest(
                     f"header {name[:64]!r} contains CR, LF or NUL", reason="malformed_header"
                 )
