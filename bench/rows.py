@@ -78,6 +78,8 @@ class RowSpec:
     workers: int = 1
     jwt_cache: bool = False
     auth: bool = True
+    grpc_server: Literal["h2", "grpcio"] = "h2"
+    """gRPC rows: ``authz serve --grpc-server`` (h2: the h2c front, the default; grpcio: grpc.aio)."""
 
 
 def _ext_rows() -> list[RowSpec]:
@@ -111,6 +113,17 @@ def _ext_rows() -> list[RowSpec]:
                         workers=workers,
                     )
                 )
+        if mode == "grpc":
+            out.append(
+                RowSpec(
+                    id="3gi1",
+                    title="Envoy + authz grpc ext_authz on grpc.aio (--grpc-server grpcio), warm, 1 worker",
+                    kind="ext_authz",
+                    anchor="2a",
+                    mode="grpc",
+                    grpc_server="grpcio",
+                )
+            )
     return out
 
 
@@ -291,7 +304,9 @@ def start_envoy(
     return port, proc.pid
 
 
-def _start_authz(ctx: BenchContext, procs: ProcessSet, workers: int, mode: str) -> tuple[int, int, int]:
+def _start_authz(
+    ctx: BenchContext, procs: ProcessSet, workers: int, mode: str, grpc_server: str = "h2"
+) -> tuple[int, int, int]:
     """``authz serve`` on the bench policy folder, serving only ``mode`` (as a deployment that chose a
     protocol would: the process then also picks its event loop for it); returns (grpc port, http port, pid).
     """
@@ -307,6 +322,8 @@ def _start_authz(ctx: BenchContext, procs: ProcessSet, workers: int, mode: str) 
         f"127.0.0.1:{http_port}" if mode == "http" else "off",
         "--admin",
         f"127.0.0.1:{admin_port}",
+        "--grpc-server",
+        grpc_server,
     ]
     if workers > 1:
         argv += ["--workers", str(workers)]
@@ -382,7 +399,7 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
         port, pid = start_envoy(ctx, procs, "envoy", boot, "ingress")
         tracked["envoy"] = pid
     elif spec.kind == "ext_authz":
-        grpc_port, http_port, authz_pid = _start_authz(ctx, procs, spec.workers, spec.mode)
+        grpc_port, http_port, authz_pid = _start_authz(ctx, procs, spec.workers, spec.mode, spec.grpc_server)
         boot = configs.ext_authz_bootstrap(
             spec.mode,
             upstream_port=ctx.upstream_port,

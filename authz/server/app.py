@@ -9,10 +9,11 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import uvicorn
+from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,9 +25,20 @@ from authz.request import Request, Workload
 from authz.runtime import AuthzRuntime
 from authz.server.admin import build_admin_app
 from authz.server.grpc_ext_authz import AuthorizationServicer, add_to_server
+from authz.server.grpc_h2 import GrpcStatusError, serve_grpc_h2
 from authz.server.http_ext_authz import HttpCheckSettings, serve_http
 
-__all__ = ["DEFAULT_ADMIN", "DEFAULT_GRPC", "DEFAULT_HTTP", "ServeOptions", "Server", "parse_addr"]
+__all__ = [
+    "CHECK_METHOD",
+    "DEFAULT_ADMIN",
+    "DEFAULT_GRPC",
+    "DEFAULT_HTTP",
+    "HEALTH_CHECK_METHOD",
+    "GrpcServerKind",
+    "ServeOptions",
+    "Server",
+    "parse_addr",
+]
 
 log = logging.getLogger("authz.server")
 
@@ -36,6 +48,16 @@ DEFAULT_GRPC = "127.0.0.1:9191"
 DEFAULT_HTTP = "127.0.0.1:9192"
 DEFAULT_ADMIN = "127.0.0.1:9193"
 GRPC_SERVICE = "envoy.service.auth.v3.Authorization"
+CHECK_METHOD = f"/{GRPC_SERVICE}/Check"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+GrpcServerKind = Literal["h2", "grpcio"]
+"""``h2``: :mod:`authz.server.grpc_h2` (unary Check and Health/Check, ~25 us per check behind Envoy);
+``grpcio``: ``grpc.aio`` (also server reflection and Health/Watch, ~5x the CPU per check)."""
+_GRPC_NOT_FOUND = 5
+_GRPC_INVALID_ARGUMENT = 3
+_SERVING: bytes = health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.SERVING
+).SerializeToString()
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -67,6 +89,7 @@ class ServeOptions:
     fail_open: bool = False
     watch: bool = True
     reuse_port: bool = False
+    grpc_server: GrpcServerKind = "h2"
 
 
 class Server:
@@ -86,6 +109,7 @@ class Server:
         self.reloader = self.runtime.reloader
         self.authenticator = self.runtime.authenticator
         self._grpc: grpc.aio.Server | None = None
+        self._grpc_h2: asyncio.Server | None = None
         self._http: asyncio.Server | None = None
         self._admin: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[Any] | None = None
@@ -105,7 +129,26 @@ class Server:
 
     async def start(self) -> None:
         opts = self.options
-        if opts.grpc_addr:
+        if opts.grpc_addr and opts.grpc_server == "h2":
+            host, port = parse_addr(opts.grpc_addr)
+            servicer = AuthorizationServicer(self._check, malformed=self.engine.malformed)
+            parse = external_auth_pb2.CheckRequest.FromString
+
+            async def check(message: bytes) -> bytes:
+                try:
+                    request = parse(message)
+                except Exception:  # protobuf DecodeError: not a CheckRequest at all
+                    raise GrpcStatusError(_GRPC_INVALID_ARGUMENT, "malformed CheckRequest") from None
+                return await servicer.Check(request, None)
+
+            self._grpc_h2 = await serve_grpc_h2(
+                {CHECK_METHOD: check, HEALTH_CHECK_METHOD: _health_check},
+                host,
+                port,
+                reuse_port=opts.reuse_port,
+            )
+            self.grpc_port = self._grpc_h2.sockets[0].getsockname()[1]
+        elif opts.grpc_addr:
             host, port = parse_addr(opts.grpc_addr)
             server = grpc.aio.server(
                 options=[
@@ -171,6 +214,8 @@ class Server:
         self._stop.set()
         if self._http is not None:
             self._http.close()
+        if self._grpc_h2 is not None:
+            self._grpc_h2.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         if self._admin is not None and self._admin_task is not None:
@@ -193,3 +238,15 @@ class Server:
         )
         await self._stop.wait()
         await self.stop()
+
+
+async def _health_check(message: bytes) -> bytes:
+    """``grpc.health.v1.Health/Check`` (grpc ``doc/health-checking.md``): SERVING for the server as a whole
+    ("") and for the ext_authz service, NOT_FOUND for any other name."""
+    try:
+        service = health_pb2.HealthCheckRequest.FromString(message).service
+    except Exception:  # protobuf DecodeError
+        raise GrpcStatusError(_GRPC_INVALID_ARGUMENT, "malformed HealthCheckRequest") from None
+    if service not in ("", GRPC_SERVICE):
+        raise GrpcStatusError(_GRPC_NOT_FOUND, f"unknown service {service!r}")
+    return _SERVING

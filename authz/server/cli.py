@@ -87,6 +87,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--no-watch", action="store_true", help="do not reload on policy file changes (SIGHUP still does)"
     )
+    p.add_argument(
+        "--grpc-server",
+        choices=("h2", "grpcio"),
+        default="h2",
+        help="gRPC implementation: h2 = meshauthz's lean unary h2c server (Check and Health/Check; the "
+        "fastest), grpcio = grpc.aio (adds server reflection and Health/Watch) (default h2)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes sharing the ports (SO_REUSEPORT)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO")
@@ -133,6 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
             fail_open=args.fail_open,
             watch=not args.no_watch,
             reuse_port=args.reuse_port,
+            grpc_server=args.grpc_server,
         )
         server = Server(options)
     except OSError as exc:
@@ -142,9 +150,11 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"authz serve: refusing to start, the configuration has errors:\n{exc}", file=sys.stderr)
         return 2
     try:
-        # grpc.aio costs more on uvloop; only a gRPC-only process runs on asyncio's loop (authz.eventloop).
-        grpc_only = options.grpc_addr is not None and options.http_addr is None
-        run_loop(server.serve_forever(), uvloop_preferred=not grpc_only)
+        # grpc.aio costs more on uvloop: a grpcio-only process runs on asyncio's loop (authz.eventloop).
+        grpcio_only = (
+            options.grpc_addr is not None and options.http_addr is None and options.grpc_server == "grpcio"
+        )
+        run_loop(server.serve_forever(), uvloop_preferred=not grpcio_only)
     except OSError as exc:
         print(f"authz serve: {exc}", file=sys.stderr)
         return 1
@@ -165,7 +175,7 @@ def _run_workers(args: argparse.Namespace) -> int:
     if args.mesh:
         base += ["--mesh", str(args.mesh)]
     base += ["--grpc", args.grpc, "--http", args.http, "--namespace", args.namespace, "--labels", args.labels]
-    base += ["--http-path-prefix", args.http_path_prefix]
+    base += ["--http-path-prefix", args.http_path_prefix, "--grpc-server", args.grpc_server]
     for flag, on in (
         ("--no-trust-envoy-headers", args.no_trust_envoy_headers),
         ("--fail-open", args.fail_open),

@@ -242,23 +242,54 @@ async def _concurrent_denials(url: str, *, total: int, concurrency: int) -> list
         return out
 
 
-def test_grpc_health_and_reflection(server: dict[str, Any]) -> None:
+def test_grpc_health(server: dict[str, Any]) -> None:
+    """The default gRPC front (h2) answers grpc.health.v1 Check like grpcio's health servicer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server['server'].grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.auth.v3.Authorization"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_grpcio_front_health_and_reflection(tmp_path: Path) -> None:
+    """``--grpc-server grpcio`` serves the same Check plus server reflection (for grpcurl and friends)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{server['server'].grpc_port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = health.Check(
-            health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=5
-        )
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
-        )
-        names = {s.name for r in responses for s in r.list_services_response.service}
-    assert "envoy.service.auth.v3.Authorization" in names
+    (tmp_path / "p.yaml").write_text(ALLOW_GET)
+    options = ServeOptions(
+        policies=[tmp_path], grpc_addr="127.0.0.1:0", http_addr=None, admin_addr=None, grpc_server="grpcio"
+    )
+    with loop_thread() as lt:
+
+        async def start() -> Server:
+            s = Server(options)
+            await s.start()
+            return s
+
+        s = lt.run(start())
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(
+                    health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=5
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                responses = stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+                )
+                names = {s.name for r in responses for s in r.list_services_response.service}
+            assert "envoy.service.auth.v3.Authorization" in names
+        finally:
+            lt.run(s.stop())
 
 
 def test_a_truncated_policy_file_is_refused_not_read_as_allow_all(server: dict[str, Any]) -> None:
