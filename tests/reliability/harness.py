@@ -199,6 +199,7 @@ def authz_process(policies: Path, *extra: str) -> Iterator[AuthzProcess]:
 class _AppHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "app"
+    disable_nagle_algorithm = True  # head and body are two writes: no delayed-ACK stall between them
 
     def do_GET(self) -> None:
         self.server.hits += 1  # type: ignore[attr-defined]
