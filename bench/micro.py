@@ -161,14 +161,30 @@ def _policy_cases(n: int, budget_s: float) -> list[dict[str, Any]]:
         raise RuntimeError(
             f"unexpected decisions (last rule allowed: {allow_ok}, stranger denied: {deny_ok})"
         )
-    return [
-        time_calls(
-            f"policy evaluation, {n:,} rules, {label}",
-            functools.partial(evaluate, compiled, request, workload, auth, path=path),
-            budget_s=budget_s,
+    memo = compiled.plan_for(workload).memo
+
+    def first_sight(auth: RequestAuth) -> None:
+        """Evaluate as for a request never seen: the plan's remembered outcomes are dropped first."""
+        memo.clear()
+        evaluate(compiled, request, workload, auth, path=path)
+
+    cases = []
+    for label, auth in (("last rule allows", allowed), ("no rule matches", stranger)):
+        cases.append(
+            time_calls(
+                f"policy evaluation, {n:,} rules, {label}",
+                functools.partial(first_sight, auth),
+                budget_s=budget_s,
+            )
         )
-        for label, auth in (("last rule allows", allowed), ("no rule matches", stranger))
-    ]
+        cases.append(
+            time_calls(
+                f"policy evaluation, {n:,} rules, {label}, remembered",
+                functools.partial(evaluate, compiled, request, workload, auth, path=path),
+                budget_s=budget_s,
+            )
+        )
+    return cases
 
 
 def bench_policy(
