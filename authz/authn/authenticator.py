@@ -29,7 +29,7 @@ from authz.authn.credentials import ExtractedToken, TokenExtractor, is_cors_pref
 from authz.authn.introspection import Introspector
 from authz.authn.jwk import HMAC_ALGORITHMS, KeySet, parse_jwks
 from authz.authn.jwks import KeySource, RemoteKeySource, StaticKeySource
-from authz.authn.jwt import VerifiedToken, check_claims, decode_unverified, looks_like_jws, verify
+from authz.authn.jwt import Decoded, VerifiedToken, check_claims, decode_unverified, looks_like_jws, verify
 from authz.authn.model import JwtRule
 from authz.authn.settings import AuthnSettings, IssuerSettings
 from authz.authn.token_cache import DEFAULT_MAX_ENTRIES, MAX_ENTRY_TTL, TtlLru, count_cache_hit
@@ -298,7 +298,8 @@ class Authenticator:
             if intro_rules:
                 return await self._introspect(token, intro_rules)
         max_bytes = max(self.settings.for_issuer(r.issuer).max_token_bytes for r in candidates)
-        header, payload, _, _ = decode_unverified(token, max_bytes=max_bytes)
+        decoded = decode_unverified(token, max_bytes=max_bytes)
+        payload = decoded[1]
         iss = payload.get("iss")
         matching = [r for r in candidates if not r.issuer or r.issuer == iss]
         if not matching:
@@ -307,7 +308,7 @@ class Authenticator:
         for rule in matching:
             settings = self.settings.for_issuer(rule.issuer)
             try:
-                vt = await self._verify_with_rule(token, header, rule, settings)
+                vt = await self._verify_with_rule(token, decoded, rule, settings)
             except CredentialError as exc:
                 errors.append(exc)
                 continue
@@ -324,12 +325,13 @@ class Authenticator:
         return _raise_best(errors)
 
     async def _verify_with_rule(
-        self, token: str, header: Mapping[str, Any], rule: JwtRule, settings: IssuerSettings
+        self, token: str, decoded: Decoded, rule: JwtRule, settings: IssuerSettings
     ) -> VerifiedToken:
+        header = decoded[0]
         alg = header.get("alg")
         if alg in HMAC_ALGORITHMS:
             # HS* keys come only from the issuer settings; no JWKS is needed (or trusted) for them.
-            return verify(token, KeySet(), now=self.clock(), rule=rule, settings=settings)
+            return verify(token, KeySet(), now=self.clock(), rule=rule, settings=settings, decoded=decoded)
         source = self._source(rule, rule.issuer)
         try:
             keys = await source.get()
@@ -338,7 +340,7 @@ class Authenticator:
                 f"Jwks remote fetch is failed: {exc.message}", reason="issuer_unavailable"
             ) from None
         try:
-            return verify(token, keys, now=self.clock(), rule=rule, settings=settings)
+            return verify(token, keys, now=self.clock(), rule=rule, settings=settings, decoded=decoded)
         except CredentialError as exc:
             kid = header.get("kid")
             if exc.reason != "unknown_kid" or not isinstance(kid, str) or keys.has_kid(kid):
@@ -347,7 +349,7 @@ class Authenticator:
             fresh = await source.refetch_for_kid(kid)
             if fresh is None or fresh is keys:
                 raise
-            return verify(token, fresh, now=self.clock(), rule=rule, settings=settings)
+            return verify(token, fresh, now=self.clock(), rule=rule, settings=settings, decoded=decoded)
 
     async def _introspect(self, token: str, rules: Sequence[JwtRule]) -> VerifiedToken:
         errors: list[CredentialError] = []

@@ -26,6 +26,7 @@ from authz.errors import CredentialError
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "Decoded",
     "VerifiedToken",
     "check_claims",
     "decode_unverified",
@@ -108,12 +109,16 @@ class VerifiedToken:
         return value if isinstance(value, str) else ""
 
 
+Decoded = tuple[dict[str, Any], dict[str, Any], bytes, str]
+"""What :func:`decode_unverified` returns: header, payload, signature, signing input."""
+
+
 def looks_like_jws(token: str) -> bool:
     """True if ``token`` has the JWS compact shape (two dots); opaque tokens go to introspection."""
     return token.count(".") == 2
 
 
-def decode_unverified(token: str, *, max_bytes: int) -> tuple[dict[str, Any], dict[str, Any], bytes, str]:
+def decode_unverified(token: str, *, max_bytes: int) -> Decoded:
     """Split and strictly decode ``token``: ``(header, payload, signature, signing_input)``.
 
     Nothing here is trusted; it only finds the issuer (to pick rules) and the ``kid`` (to pick keys).
@@ -146,15 +151,23 @@ def verify(
     now: float,
     rule: JwtRule,
     settings: IssuerSettings,
+    decoded: Decoded | None = None,
 ) -> VerifiedToken:
     """Verify a compact JWS/JWT against ``keys`` (asymmetric) or ``settings.hmac_keys`` (HS*) at ``now``.
 
     Raises :class:`CredentialError`: 401 with ``reason`` ``token_too_large``, ``malformed_token``,
     ``unsupported_algorithm``, ``unsupported_critical_header``, ``invalid_claim``,
     ``issuer_not_configured``, ``unknown_kid``, ``bad_signature``, ``expired``, ``not_yet_valid``,
-    ``missing_claim``; 403 ``audience_not_allowed``.
+    ``missing_claim``; 403 ``audience_not_allowed``. ``decoded``: :func:`decode_unverified` of ``token``
+    when the caller already has it (it is a pure function of the token; the size limit still applies).
     """
-    header, payload, signature, signing_input = decode_unverified(token, max_bytes=settings.max_token_bytes)
+    if decoded is None:
+        decoded = decode_unverified(token, max_bytes=settings.max_token_bytes)
+    elif len(token) > settings.max_token_bytes:
+        raise _fail(
+            f"Jwt is too large ({len(token)} bytes, limit {settings.max_token_bytes})", "token_too_large"
+        )
+    header, payload, signature, signing_input = decoded
     alg: str = header["alg"]
     kid: str | None = header.get("kid")
     iss = payload.get("iss")
@@ -226,7 +239,8 @@ def _decode_json(segment: str, what: str) -> dict[str, Any]:
         raise _fail(f"Jwt {what} is nested too deeply", "malformed_token") from None
     if not isinstance(value, dict):
         raise _fail(f"Jwt {what} is not a JSON object", "malformed_token")
-    if _depth(value) > MAX_JSON_DEPTH:
+    # Every level opens a "{" or "[": with no more of them than the limit, nothing can nest deeper.
+    if text.count("{") + text.count("[") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
         raise _fail(f"Jwt {what} is nested deeper than {MAX_JSON_DEPTH} levels", "malformed_token")
     return value
 
@@ -234,11 +248,13 @@ def _decode_json(segment: str, what: str) -> dict[str, Any]:
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """RFC 7515 section 5.2 step 4 / RFC 7519 section 4: duplicate member names must be rejected,
     or two parsers could disagree on which ``alg``/``sub`` the token has."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate member {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate member {key!r}")
+            seen.add(key)
     return out
 
 
