@@ -159,3 +159,45 @@ def test_cnf_thumbprint_and_binding_settings_are_exposed(rsa_key: SigningKey, ke
     assert vt.cnf_x5t_s256 == "abc"
     assert vt.certificate_binding.value == "disabled"
     assert vt.spiffe_binding is None
+
+
+def test_a_caller_decoded_token_verifies_the_same_and_keeps_the_size_limit() -> None:
+    """The authenticator decodes once (to find the issuer) and hands the result to verify()."""
+    from authz.authn.jwt import decode_unverified
+
+    key = SigningKey.generate("ES256", kid="k")
+    keys = parse_jwks(jwks_document(key), source="t").keys
+    token = key.sign(claims())
+    decoded = decode_unverified(token, max_bytes=1 << 20)
+    settings = IssuerSettings(issuer=ISSUER)
+    plain = verify(token, keys, now=NOW, rule=JwtRule(issuer=ISSUER), settings=settings)
+    given = verify(token, keys, now=NOW, rule=JwtRule(issuer=ISSUER), settings=settings, decoded=decoded)
+    assert (given.claims, given.kid, given.key_fingerprint) == (
+        plain.claims,
+        plain.kid,
+        plain.key_fingerprint,
+    )
+    small = IssuerSettings(issuer=ISSUER, max_token_bytes=len(token) - 1)
+    with pytest.raises(CredentialError) as info:
+        verify(token, keys, now=NOW, rule=JwtRule(issuer=ISSUER), settings=small, decoded=decoded)
+    assert info.value.reason == "token_too_large"
+
+
+def test_duplicate_members_and_deep_nesting_are_still_refused() -> None:
+    """The cheaper duplicate and depth checks refuse what the per-member ones did."""
+    from authz.authn.jwt import MAX_JSON_DEPTH
+    from authz.authn.testing import b64url
+
+    key = SigningKey.generate("ES256", kid="k")
+    keys = parse_jwks(jwks_document(key), source="t").keys
+    header = b64url(b'{"alg":"ES256","kid":"k"}')
+    duplicate = b'{"iss":"' + ISSUER.encode() + b'","sub":"a","sub":"b"}'
+    deep = b'{"iss":"' + ISSUER.encode() + b'","x":' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
+    for payload, says in ((duplicate, "duplicate member 'sub'"), (deep, "nested deeper")):
+        token = f"{header}.{b64url(payload)}.{b64url(b'sig')}"
+        with pytest.raises(CredentialError) as info:
+            check(token, keys)
+        assert info.value.reason == "malformed_token" and says in info.value.message, info.value.message
+    shallow = b'{"iss":"' + ISSUER.encode() + b'","x":"' + b"[{" * 40 + b'"}'  # brackets inside a string
+    token = f"{header}.{b64url(shallow)}.{b64url(b'sig')}"
+    assert reason_of(token, keys) == ("bad_signature", 401)  # decoded fine; only the signature is wrong
