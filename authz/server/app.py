@@ -25,7 +25,7 @@ from authz.request import Request, Workload
 from authz.runtime import AuthzRuntime
 from authz.server.admin import build_admin_app
 from authz.server.grpc_ext_authz import AuthorizationServicer, add_to_server
-from authz.server.grpc_h2 import GrpcStatusError, serve_grpc_h2
+from authz.server.grpc_h2 import GRPC_INVALID_ARGUMENT, GRPC_NOT_FOUND, GrpcStatusError, serve_grpc_h2
 from authz.server.http_ext_authz import HttpCheckSettings, serve_http
 
 __all__ = [
@@ -53,8 +53,6 @@ HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 GrpcServerKind = Literal["h2", "grpcio"]
 """``h2``: :mod:`authz.server.grpc_h2` (unary Check and Health/Check, ~25 us per check behind Envoy);
 ``grpcio``: ``grpc.aio`` (also server reflection and Health/Watch, ~5x the CPU per check)."""
-_GRPC_NOT_FOUND = 5
-_GRPC_INVALID_ARGUMENT = 3
 _SERVING: bytes = health_pb2.HealthCheckResponse(
     status=health_pb2.HealthCheckResponse.SERVING
 ).SerializeToString()
@@ -138,7 +136,7 @@ class Server:
                 try:
                     request = parse(message)
                 except Exception:  # protobuf DecodeError: not a CheckRequest at all
-                    raise GrpcStatusError(_GRPC_INVALID_ARGUMENT, "malformed CheckRequest") from None
+                    raise GrpcStatusError(GRPC_INVALID_ARGUMENT, "malformed CheckRequest") from None
                 return await servicer.Check(request, None)
 
             self._grpc_h2 = await serve_grpc_h2(
@@ -246,7 +244,7 @@ async def _health_check(message: bytes) -> bytes:
     try:
         service = health_pb2.HealthCheckRequest.FromString(message).service
     except Exception:  # protobuf DecodeError
-        raise GrpcStatusError(_GRPC_INVALID_ARGUMENT, "malformed HealthCheckRequest") from None
+        raise GrpcStatusError(GRPC_INVALID_ARGUMENT, "malformed HealthCheckRequest") from None
     if service not in ("", GRPC_SERVICE):
-        raise GrpcStatusError(_GRPC_NOT_FOUND, f"unknown service {service!r}")
+        raise GrpcStatusError(GRPC_NOT_FOUND, f"unknown service {service!r}")
     return _SERVING

@@ -41,6 +41,12 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_CONCURRENT_STREAMS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "GRPC_INTERNAL",
+    "GRPC_INVALID_ARGUMENT",
+    "GRPC_NOT_FOUND",
+    "GRPC_OK",
+    "GRPC_RESOURCE_EXHAUSTED",
+    "GRPC_UNIMPLEMENTED",
     "GrpcH2Protocol",
     "GrpcStatusError",
     "H2Limits",
@@ -57,6 +63,7 @@ UnaryMethod = Callable[[bytes], Awaitable[bytes]]
 # gRPC status codes (https://github.com/grpc/grpc/blob/master/doc/statuscodes.md).
 GRPC_OK = 0
 GRPC_INVALID_ARGUMENT = 3
+GRPC_NOT_FOUND = 5
 GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_UNIMPLEMENTED = 12
 GRPC_INTERNAL = 13
