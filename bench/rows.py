@@ -43,6 +43,7 @@ __all__ = [
     "RowSkipped",
     "RowSpec",
     "authz_command",
+    "bare_proxy_command",
     "bare_server_command",
     "check_enforcement",
     "run_row",
@@ -50,7 +51,7 @@ __all__ = [
     "start_envoy",
 ]
 
-Kind = Literal["envoy", "native", "ext_authz", "bare_ext_authz", "proxy"]
+Kind = Literal["envoy", "native", "ext_authz", "bare_ext_authz", "proxy", "bare_proxy"]
 
 ENVOY_STARTUP_S = 20.0
 AUTHZ_STARTUP_S = 40.0  # N workers each import the engine and compile the policies
@@ -60,6 +61,8 @@ BARE_SERVER_SCRIPTS = {
     "grpc": Path(__file__).resolve().with_name("bare_grpc_check.py"),
     "http": Path(__file__).resolve().with_name("bare_http_check.py"),
 }
+# The bare forwarding proxy (row 4p): the floor of a Python proxy on uvloop + httptools.
+BARE_PROXY_SCRIPT = Path(__file__).resolve().with_name("bare_http_proxy.py")
 # The process name a bare server's CPU is accounted under (the authz column of the table shows it).
 BARE_PROCESS = "bare"
 MAX_ERROR_FRACTION = 0.01  # more failed responses than this and the row's numbers are not comparable
@@ -132,6 +135,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("2a", "Envoy jwt_authn + rbac, no jwt cache (Istio)", "native", anchor="1"),
     RowSpec("2b", "Envoy jwt_authn + rbac, jwt_cache_size 100", "native", anchor="1", jwt_cache=True),
     *_ext_rows(),
+    RowSpec("4p", "bare uvloop + httptools forwarding proxy (floor)", "bare_proxy", anchor="1", auth=False),
     RowSpec("4a", "bundled proxy alone (no auth)", "proxy", anchor="1", auth=False),
     RowSpec("4b", "bundled proxy + in-process authz, warm tokens", "proxy", anchor="2b"),
     RowSpec("4c", "bundled proxy + in-process authz, cold tokens", "proxy", anchor="2b", cold=True),
@@ -340,6 +344,20 @@ def bare_server_command(mode: Literal["grpc", "http"], port: int = 0) -> list[st
     return [sys.executable, str(BARE_SERVER_SCRIPTS[mode]), "--host", "127.0.0.1", "--port", str(port)]
 
 
+def bare_proxy_command(upstream_port: int, port: int = 0) -> list[str]:
+    """argv of the bare forwarding proxy (``bench/bare_http_proxy.py``) on 127.0.0.1 to ``upstream_port``."""
+    return [
+        sys.executable,
+        str(BARE_PROXY_SCRIPT),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--upstream-port",
+        str(upstream_port),
+    ]
+
+
 def _start_bare(procs: ProcessSet, mode: Literal["grpc", "http"]) -> tuple[int, int]:
     """The bare check server of ``mode`` on a port-0 socket; returns (port, pid)."""
     proc = procs.start(f"bare-{mode}", bare_server_command(mode))
@@ -416,6 +434,10 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
         port, pid = start_envoy(ctx, procs, "envoy", boot, "ingress")
         tracked["envoy"] = pid
         tracked[BARE_PROCESS] = bare_pid
+    elif spec.kind == "bare_proxy":
+        proc = procs.start("bare-proxy", bare_proxy_command(ctx.upstream_port))
+        port = wait_listening(proc, timeout_s=BARE_STARTUP_S)
+        tracked["proxy"] = proc.pid
     else:
         port, pid = _start_proxy(ctx, procs, spec)
         tracked["proxy"] = pid
