@@ -213,3 +213,63 @@ def test_envoy_with_the_row_three_bootstrap_allows_through_the_floor(
         procs.stop(bare)
         with pytest.raises(RuntimeError, match="HTTP 403"):
             check_enforcement(port, ctx.token, auth=False)
+
+
+# -- the bare forwarding proxy (row 4p) ------------------------------------------------------------------
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One content-length framed response: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            v for k, _, v in (line.partition(b": ") for line in head.split(b"\r\n")) if k == b"content-length"
+        )
+    )
+    return head, rest + recv_exactly(sock, length - len(rest))
+
+
+def test_bare_proxy_forwards_sequential_and_pipelined_requests(procs: ProcessSet) -> None:
+    import json
+
+    from bench.rows import bare_proxy_command
+    from tests.integration.envoy_harness import echo_upstream
+
+    with echo_upstream() as upstream:
+        proc = procs.start("bare-proxy", bare_proxy_command(upstream.server_address[1]))
+        port = wait_listening(proc, timeout_s=STARTUP_S)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for i in range(3):
+                sock.sendall(
+                    b"GET /a/%d?q=1 HTTP/1.1\r\nhost: svc\r\nx-k: v\r\nconnection: keep-alive\r\n\r\n" % i
+                )
+                head, body = _read_response(sock)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                seen = json.loads(body)
+                assert seen["path"] == f"/a/{i}?q=1" and seen["headers"]["x-k"] == "v"
+                assert seen["headers"]["host"] == "svc" and "connection" not in seen["headers"]
+            sock.sendall(b"GET /p1 HTTP/1.1\r\nhost: svc\r\n\r\nGET /p2 HTTP/1.1\r\nhost: svc\r\n\r\n")
+            assert [json.loads(_read_response(sock)[1])["path"] for _ in range(2)] == ["/p1", "/p2"]
+            sock.sendall(b"POST /x HTTP/1.1\r\nhost: svc\r\ncontent-length: 2\r\n\r\nhi")
+            assert recv_until_closed(sock).startswith(b"HTTP/1.1 501 ")  # bodies are out of its scope
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"\x00garbage\r\n\r\n")
+            assert recv_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+    assert proc.alive()
+
+
+def test_bare_proxy_answers_502_when_the_upstream_is_gone(procs: ProcessSet) -> None:
+    from bench.rows import bare_proxy_command
+    from tests.integration.envoy_harness import free_port
+
+    proc = procs.start("bare-proxy", bare_proxy_command(free_port()))
+    port = wait_listening(proc, timeout_s=STARTUP_S)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
+        head, _ = _read_response(sock)
+        assert head.startswith(b"HTTP/1.1 502 ")
