@@ -6,9 +6,13 @@ ext_authz filter reads as "allowed" (envoy ``ext_authz`` HTTP service: any 200 r
 uvloop when that is importable, as ``authz serve`` does (``authz/eventloop.py``), so the only difference
 from row 3hw1 is the authorizer's own work.
 
+With ``--read-headers`` (row 3ht) it also does the least a real check server must: decode every header
+into a dict and look the ``authorization`` value up in a token cache (a first sight is cached as allowed;
+nothing is verified), the "bare HTTP check server with a token cache" the benchmark issue quotes.
+
 Run as a script (no imports from ``bench`` or ``authz``)::
 
-    python bench/bare_http_check.py --port 0
+    python bench/bare_http_check.py --port 0 [--read-headers]
 
 It prints ``listening on 127.0.0.1:<port> (<loop>)`` once the socket is bound, then serves until
 SIGTERM/SIGINT.
@@ -22,13 +26,14 @@ import contextlib
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 
 __all__ = [
     "ALLOW_RESPONSE",
     "BareHttpCheckProtocol",
+    "HeaderReadingCheckProtocol",
     "build_parser",
     "loop_name",
     "main",
@@ -76,10 +81,40 @@ class BareHttpCheckProtocol(asyncio.Protocol):
             self._transport = None
 
 
-async def serve(host: str, port: int, *, loop_name: str) -> None:
+MAX_CACHED_TOKENS = 10_000
+
+
+class HeaderReadingCheckProtocol(BareHttpCheckProtocol):
+    """The floor plus reading the request: every header decoded into a dict (lower-case names, UTF-8
+    values), the ``authorization`` value looked up in a bounded token cache."""
+
+    tokens: ClassVar[dict[str, bool]] = {}  # shared by every connection of the process
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._headers: dict[str, str] = {}
+
+    def on_message_begin(self) -> None:
+        self._headers = {}
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("ascii").lower()] = value.decode("utf-8", "replace")
+
+    def on_message_complete(self) -> None:
+        token = self._headers.get("authorization", "")
+        tokens = HeaderReadingCheckProtocol.tokens
+        if tokens.get(token) is None:
+            if len(tokens) >= MAX_CACHED_TOKENS:
+                tokens.clear()
+            tokens[token] = True
+        super().on_message_complete()
+
+
+async def serve(host: str, port: int, *, loop_name: str, read_headers: bool = False) -> None:
     """Bind, print the ready line, serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(BareHttpCheckProtocol, host, port, backlog=1024)
+    protocol = HeaderReadingCheckProtocol if read_headers else BareHttpCheckProtocol
+    server = await loop.create_server(protocol, host, port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     print(f"listening on {host}:{bound} ({loop_name})", flush=True)
     stop = asyncio.Event()
@@ -115,13 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Bare HTTP ext_authz check server: 200 to every request.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--port", type=int, required=True, help="port to bind; 0 picks a free one")
+    p.add_argument(
+        "--read-headers",
+        action="store_true",
+        help="decode every header and look the token up in a cache (row 3ht) instead of ignoring them",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run_loop(serve(args.host, args.port, loop_name=loop_name()))
+        run_loop(serve(args.host, args.port, loop_name=loop_name(), read_headers=args.read_headers))
     except OSError as exc:
         print(f"bare_http_check: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ __all__ = [
     "FloorRatio",
     "floor_line",
     "floor_ratios",
+    "header_floor_ratios",
     "load_table",
     "micro_table",
     "results_document",
@@ -43,7 +44,11 @@ def floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
     """For every measured ext_authz row (3g*, 3h*) whose protocol's floor row (3gb, 3hb) was measured in the
     same run: ``authz us / bare us`` (median CPU µs per request of each). Rows or floors that are not
     ``ok``, or lack a CPU number, are left out rather than given a made-up ratio."""
-    floors = {r.spec.mode: r for r in results if r.status == "ok" and r.spec.kind == "bare_ext_authz"}
+    floors = {
+        r.spec.mode: r
+        for r in results
+        if r.status == "ok" and r.spec.kind == "bare_ext_authz" and not r.spec.reads_headers
+    }
     out: list[FloorRatio] = []
     for r in results:
         if r.status != "ok" or r.spec.kind != "ext_authz" or r.spec.mode not in floors:
@@ -53,6 +58,26 @@ def floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
         if authz_us is None or floor_us is None or floor_us <= 0:
             continue
         out.append(FloorRatio(r.spec.id, floor.spec.id, authz_us, floor_us))
+    return out
+
+
+def header_floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
+    """For every measured HTTP ext_authz row, its authorizer CPU per check over row 3ht's (the bare server
+    that reads every header and keeps a token cache), when 3ht was measured in the same run."""
+    floor = next(
+        (r for r in results if r.status == "ok" and r.spec.kind == "bare_ext_authz" and r.spec.reads_headers),
+        None,
+    )
+    out: list[FloorRatio] = []
+    floor_us = floor.cpu_us(BARE_PROCESS) if floor is not None else None
+    if floor is None or floor_us is None or floor_us <= 0:
+        return out
+    for r in results:
+        if r.status != "ok" or r.spec.kind != "ext_authz" or r.spec.mode != "http":
+            continue
+        authz_us = r.cpu_us("authz")
+        if authz_us is not None:
+            out.append(FloorRatio(r.spec.id, floor.spec.id, authz_us, floor_us))
     return out
 
 
@@ -122,6 +147,11 @@ def load_table(results: Sequence[RowResult], *, duration_s: float, repeat: int, 
     if ratios:
         notes.append("Target: warm 1-worker rows within 1.5x of the floor (authz us / bare us, this run):")
         notes.extend(floor_line(f) for f in ratios)
+    for f in header_floor_ratios(results):
+        notes.append(
+            f"{f.row}: authz CPU per check vs the bare server that reads headers ({f.floor}): {f.ratio:.2f}x "
+            f"({fmt_us(f.authz_us)} us / {fmt_us(f.floor_us)} us)"
+        )
     return render_table(headers, rows, right_align=range(2, len(headers) - 1), notes=notes)
 
 

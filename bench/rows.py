@@ -81,6 +81,8 @@ class RowSpec:
     workers: int = 1
     jwt_cache: bool = False
     auth: bool = True
+    reads_headers: bool = False
+    """Row 3ht: the bare HTTP check server decodes every header and keeps a token cache."""
     grpc_server: Literal["h2", "grpcio"] = "h2"
     """gRPC rows: ``authz serve --grpc-server`` (h2: the h2c front, the default; grpcio: grpc.aio)."""
 
@@ -100,6 +102,18 @@ def _ext_rows() -> list[RowSpec]:
                 auth=False,
             )
         )
+        if mode == "http":
+            out.append(
+                RowSpec(
+                    id="3ht",
+                    title="Envoy + bare httptools check server reading headers, token cache",
+                    kind="bare_ext_authz",
+                    anchor="2a",
+                    mode="http",
+                    auth=False,
+                    reads_headers=True,
+                )
+            )
         for workers in (1, 2):
             for cold in (False, True):
                 out.append(
@@ -339,9 +353,13 @@ def _start_authz(
     return grpc_port, http_port, proc.pid
 
 
-def bare_server_command(mode: Literal["grpc", "http"], port: int = 0) -> list[str]:
-    """argv of the bare check server of ``mode`` (``bench/bare_{grpc,http}_check.py``) on 127.0.0.1."""
-    return [sys.executable, str(BARE_SERVER_SCRIPTS[mode]), "--host", "127.0.0.1", "--port", str(port)]
+def bare_server_command(
+    mode: Literal["grpc", "http"], port: int = 0, *, read_headers: bool = False
+) -> list[str]:
+    """argv of the bare check server of ``mode`` (``bench/bare_{grpc,http}_check.py``) on 127.0.0.1;
+    ``read_headers`` (HTTP only): the row 3ht variant."""
+    argv = [sys.executable, str(BARE_SERVER_SCRIPTS[mode]), "--host", "127.0.0.1", "--port", str(port)]
+    return [*argv, "--read-headers"] if read_headers else argv
 
 
 def bare_proxy_command(upstream_port: int, port: int = 0) -> list[str]:
@@ -358,9 +376,11 @@ def bare_proxy_command(upstream_port: int, port: int = 0) -> list[str]:
     ]
 
 
-def _start_bare(procs: ProcessSet, mode: Literal["grpc", "http"]) -> tuple[int, int]:
+def _start_bare(
+    procs: ProcessSet, mode: Literal["grpc", "http"], *, read_headers: bool = False
+) -> tuple[int, int]:
     """The bare check server of ``mode`` on a port-0 socket; returns (port, pid)."""
-    proc = procs.start(f"bare-{mode}", bare_server_command(mode))
+    proc = procs.start(f"bare-{mode}", bare_server_command(mode, read_headers=read_headers))
     return wait_listening(proc, timeout_s=BARE_STARTUP_S), proc.pid
 
 
@@ -429,7 +449,7 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
     elif spec.kind == "bare_ext_authz":
         # No auth to prove: Envoy's ext_authz has failure_mode_allow false and status_on_error 403, so the
         # 200 that check_enforcement requires can only come from the bare server having answered OK.
-        bare_port, bare_pid = _start_bare(procs, spec.mode)
+        bare_port, bare_pid = _start_bare(procs, spec.mode, read_headers=spec.reads_headers)
         boot = configs.ext_authz_bootstrap(spec.mode, upstream_port=ctx.upstream_port, authz_port=bare_port)
         port, pid = start_envoy(ctx, procs, "envoy", boot, "ingress")
         tracked["envoy"] = pid

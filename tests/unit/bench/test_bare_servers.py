@@ -273,3 +273,17 @@ def test_bare_proxy_answers_502_when_the_upstream_is_gone(procs: ProcessSet) -> 
         sock.sendall(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
         head, _ = _read_response(sock)
         assert head.startswith(b"HTTP/1.1 502 ")
+
+
+def test_header_reading_floor_answers_200_and_survives_odd_headers(procs: ProcessSet) -> None:
+    proc = procs.start("bare-http", bare_server_command("http", read_headers=True))
+    port = wait_listening(proc, timeout_s=STARTUP_S)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(3):
+            sock.sendall(CHECK)
+            assert recv_exactly(sock, len(ALLOW)) == ALLOW
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nhost: a\r\nx-bin: \xff\xfe\r\n\r\n"
+        )  # not UTF-8: replaced, not fatal
+        assert recv_exactly(sock, len(ALLOW)) == ALLOW
+    assert proc.alive()

@@ -41,7 +41,11 @@ def test_row_three_covers_grpc_http_warm_cold_one_and_two_workers() -> None:
 
 def test_the_floor_rows_one_per_protocol_before_their_protocol_rows() -> None:
     bare = [r for r in ROWS if r.kind == "bare_ext_authz"]
-    assert [(r.id, r.mode) for r in bare] == [("3gb", "grpc"), ("3hb", "http")]
+    assert [(r.id, r.mode, r.reads_headers) for r in bare] == [
+        ("3gb", "grpc", False),
+        ("3hb", "http", False),
+        ("3ht", "http", True),
+    ]
     for r in bare:
         assert not r.auth and not r.cold and r.workers == 1 and r.anchor == "2a"
         protocol_rows = [x.id for x in ROWS if x.kind == "ext_authz" and x.mode == r.mode]
@@ -51,9 +55,9 @@ def test_the_floor_rows_one_per_protocol_before_their_protocol_rows() -> None:
 
 
 def test_selection_by_prefix_keeps_table_order() -> None:
-    assert ids(select_rows(["3h", "1"])) == ["1", "3hb", "3hw1", "3hc1", "3hw2", "3hc2"]
+    assert ids(select_rows(["3h", "1"])) == ["1", "3hb", "3ht", "3hw1", "3hc1", "3hw2", "3hc2"]
     assert ids(select_rows(["2a", "2a", " 2b "])) == ["2a", "2b"]
-    assert len(select_rows(["3"])) == 11  # 3gb, 3g{w,c}{1,2}, 3gi1 (grpc.aio), 3hb, 3h{w,c}{1,2}
+    assert len(select_rows(["3"])) == 12  # 3gb, 3g{w,c}{1,2}, 3gi1 (grpc.aio), 3hb, 3ht, 3h{w,c}{1,2}
     assert ids(select_rows(["3hw1", "3gb", "3hb", "3gw1"])) == ["3gb", "3gw1", "3hb", "3hw1"]
     assert ids(select_rows(["3gb"])) == ["3gb"]
     assert select_rows([]) == []
@@ -229,3 +233,18 @@ def test_results_document_carries_the_floor_ratio() -> None:
     assert by_id["3gb"]["cpu_vs_floor"] is None
     assert by_id["3hw2"]["cpu_vs_floor"] is None
     assert by_id["3gb"]["median"]["cpu_us_per_request"] == {"envoy": 90.0, BARE_PROCESS: 100.0}
+
+
+def test_the_header_reading_floor_is_a_second_http_reference_not_the_floor() -> None:
+    """3ht never replaces 3hb in the floor ratio; it gets its own line for the HTTP rows."""
+    from bench.report import header_floor_ratios
+
+    results = [*floor_results(), RowResult(SPEC["3ht"], "ok", runs=[run(5000, cpu={BARE_PROCESS: 55.0})])]
+    assert {f.row: f.floor for f in floor_ratios(results)}["3hw1"] == "3hb"
+    assert [(f.row, f.floor, f.ratio) for f in header_floor_ratios(results)] == [("3hw1", "3ht", 2.0)]
+    assert header_floor_ratios(floor_results()) == []  # not measured: no line
+    text = load_table(results, duration_s=5, repeat=1, connections=32)
+    assert (
+        "3hw1: authz CPU per check vs the bare server that reads headers (3ht): 2.00x (110 us / 55 us)"
+        in text
+    )
