@@ -25,7 +25,13 @@ from authz.request import Request, Workload
 from authz.runtime import AuthzRuntime
 from authz.server.admin import build_admin_app
 from authz.server.grpc_ext_authz import AuthorizationServicer, add_to_server
-from authz.server.grpc_h2 import GRPC_INVALID_ARGUMENT, GRPC_NOT_FOUND, GrpcStatusError, serve_grpc_h2
+from authz.server.grpc_h2 import (
+    GRPC_INVALID_ARGUMENT,
+    GRPC_NOT_FOUND,
+    GrpcH2Server,
+    GrpcStatusError,
+    serve_grpc_h2,
+)
 from authz.server.http_ext_authz import HttpCheckSettings, serve_http
 
 __all__ = [
@@ -107,7 +113,7 @@ class Server:
         self.reloader = self.runtime.reloader
         self.authenticator = self.runtime.authenticator
         self._grpc: grpc.aio.Server | None = None
-        self._grpc_h2: asyncio.Server | None = None
+        self._grpc_h2: GrpcH2Server | None = None
         self._http: asyncio.Server | None = None
         self._admin: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[Any] | None = None
@@ -213,7 +219,7 @@ class Server:
         if self._http is not None:
             self._http.close()
         if self._grpc_h2 is not None:
-            self._grpc_h2.close()
+            await self._grpc_h2.shutdown(grace=1.0)
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         if self._admin is not None and self._admin_task is not None:

@@ -27,7 +27,7 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import hpack
 
@@ -48,6 +48,7 @@ __all__ = [
     "GRPC_RESOURCE_EXHAUSTED",
     "GRPC_UNIMPLEMENTED",
     "GrpcH2Protocol",
+    "GrpcH2Server",
     "GrpcStatusError",
     "H2Limits",
     "UnaryMethod",
@@ -306,6 +307,7 @@ class GrpcH2Protocol(asyncio.Protocol):
         "_cont_stream",
         "_decoder",
         "_goaway_received",
+        "_goaway_sent",
         "_last_stream_id",
         "_limits",
         "_methods",
@@ -316,6 +318,7 @@ class GrpcH2Protocol(asyncio.Protocol):
         "_preface_done",
         "_recv_released",
         "_recv_window",
+        "_registry",
         "_send_window",
         "_settings_seen",
         "_streams",
@@ -324,8 +327,14 @@ class GrpcH2Protocol(asyncio.Protocol):
         "_writing",
     )
 
-    def __init__(self, methods: Mapping[str, UnaryMethod], limits: H2Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        methods: Mapping[str, UnaryMethod],
+        limits: H2Limits = DEFAULT_LIMITS,
+        registry: set[GrpcH2Protocol] | None = None,
+    ) -> None:
         self._methods = methods
+        self._registry = registry  # the server's open connections (GrpcH2Server.shutdown), if any
         self._limits = limits
         self._transport: asyncio.Transport | None = None
         self._closed = False
@@ -347,12 +356,15 @@ class GrpcH2Protocol(asyncio.Protocol):
         self._recv_released = 0
         self._table_update = b""
         self._goaway_received = False
+        self._goaway_sent = False  # we are shutting down: no new streams, close once the open ones end
         self._out: list[bytes] = []
         self._writing = False  # inside data_received: output is collected and written once
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        if self._registry is not None:
+            self._registry.add(self)
         limits = self._limits
         # RFC 9113 §3.4: the server preface is a SETTINGS frame, sent without waiting for the client's.
         settings = b"".join(
@@ -396,6 +408,30 @@ class GrpcH2Protocol(asyncio.Protocol):
         self._closed = True
         self._transport = None
         self._streams.clear()
+        if self._registry is not None:
+            self._registry.discard(self)
+
+    # -- graceful shutdown ----------------------------------------------------------------------------
+    def go_away(self) -> None:
+        """RFC 9113 §6.8 graceful shutdown: GOAWAY(NO_ERROR) naming the last stream we accepted; the streams
+        up to it are answered, later ones refused (the client retries them on a new connection); the
+        connection closes once the last open stream is answered."""
+        if self._closed or self._goaway_sent:
+            return
+        self._goaway_sent = True
+        self._emit(_frame(GOAWAY, 0, 0, _U32.pack(self._last_stream_id) + _U32.pack(NO_ERROR)))
+        self._maybe_finish()
+
+    @property
+    def finished(self) -> bool:
+        """Closed, or nothing left to answer."""
+        return self._closed or not self._streams
+
+    def abort(self) -> None:
+        """Close now, whatever is still open (the end of a shutdown's grace period)."""
+        self._closed = True
+        if self._transport is not None:
+            self._transport.abort()
 
     # -- output -------------------------------------------------------------------------------------------
     def _emit(self, raw: bytes) -> None:
@@ -434,7 +470,7 @@ class GrpcH2Protocol(asyncio.Protocol):
 
     def _maybe_finish(self) -> None:
         """After the peer's GOAWAY (RFC 9113 §6.8): close once every open stream has been answered."""
-        if self._goaway_received and not self._streams:
+        if (self._goaway_received or self._goaway_sent) and not self._streams:
             self._close()
 
     # -- input --------------------------------------------------------------------------------------------
@@ -588,6 +624,9 @@ class GrpcH2Protocol(asyncio.Protocol):
             return
         if stream_id <= self._last_stream_id:
             # A stream already closed (answered or reset): frames in flight are ignored (RFC 9113 §5.4.2).
+            return
+        if self._goaway_sent:  # RFC 9113 §6.8: above our GOAWAY's last stream id: not processed
+            self._emit(_frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
         self._last_stream_id = stream_id
         if len(self._streams) >= self._limits.max_concurrent_streams:  # RFC 9113 §5.1.2
@@ -882,6 +921,45 @@ class GrpcH2Protocol(asyncio.Protocol):
         self._maybe_finish()
 
 
+class GrpcH2Server:
+    """The listening socket and its open connections (``asyncio.Server``'s ``sockets``, ``close`` and
+    ``wait_closed``, plus a graceful :meth:`shutdown`)."""
+
+    def __init__(self, server: asyncio.Server, connections: set[GrpcH2Protocol]) -> None:
+        self._server = server
+        self._connections = connections
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets)
+
+    def close(self) -> None:
+        """Stop accepting connections (open ones stay; see :meth:`shutdown`)."""
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """Stop accepting, send every connection GOAWAY, answer the calls in flight for up to ``grace``
+        seconds, then close whatever is left: Envoy sends new checks to a fresh connection (another
+        worker, or this authorizer once restarted) instead of seeing them reset."""
+        self._server.close()
+        for conn in list(self._connections):
+            conn.go_away()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while not all(conn.finished for conn in self._connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # bounded by the grace period
+        for conn in list(self._connections):
+            conn.abort()
+        # Every transport reports connection_lost (which leaves the registry) on a later loop iteration.
+        closing_deadline = loop.time() + 1.0
+        while self._connections and loop.time() < closing_deadline:
+            await asyncio.sleep(0.005)  # bounded: one second at most
+        await self._server.wait_closed()
+
+
 async def serve_grpc_h2(
     methods: Mapping[str, UnaryMethod],
     host: str,
@@ -889,11 +967,17 @@ async def serve_grpc_h2(
     *,
     reuse_port: bool = False,
     limits: H2Limits = DEFAULT_LIMITS,
-) -> asyncio.Server:
+) -> GrpcH2Server:
     """Listen for h2c connections answering the unary ``methods`` (keys are full paths, e.g.
     ``/envoy.service.auth.v3.Authorization/Check``); unknown paths get 12 UNIMPLEMENTED."""
     table: Mapping[str, UnaryMethod] = dict(methods)
+    connections: set[GrpcH2Protocol] = set()
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: GrpcH2Protocol(table, limits), host, port, reuse_port=reuse_port or None, backlog=1024
+    server = await loop.create_server(
+        lambda: GrpcH2Protocol(table, limits, connections),
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
     )
+    return GrpcH2Server(server, connections)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -472,3 +473,74 @@ async def test_real_grpc_client_concurrent_calls() -> None:
 
         got = await asyncio.to_thread(many)
     assert got == [(b"%d" % i)[::-1] for i in range(50)]
+
+
+# -- graceful shutdown -------------------------------------------------------------------------------------
+async def test_shutdown_sends_goaway_and_holds_for_the_call_in_flight() -> None:
+    """GOAWAY(NO_ERROR) naming the last accepted stream reaches the client at once; shutdown waits for the
+    call in flight (the h2 package's client state machine stops at GOAWAY, so the answer itself is
+    checked with grpc's client below)."""
+    methods = Methods()
+    srv = await serve_grpc_h2(methods.table(), "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    c = await H2Client.open(port)
+    try:
+        sid = c.start(GATED)
+        await c.send(sid, grpc_frame(b"late"), end=True)
+        await c.pump(lambda: GATED in methods.calls)
+        stopping = asyncio.ensure_future(srv.shutdown(grace=STEP_TIMEOUT))
+        await c.pump(lambda: c.terminated is not None)
+        assert c.terminated is not None and c.terminated.error_code == 0
+        assert c.terminated.last_stream_id == sid
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # the call in flight holds the shutdown
+        methods.gate.set()
+        await asyncio.wait_for(stopping, STEP_TIMEOUT)
+        assert srv.sockets == ()  # no longer listening
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        await c.close()
+
+
+def test_a_grpc_client_gets_its_answer_across_a_graceful_shutdown() -> None:
+    """grpc's own client: the call in flight when the server starts shutting down completes with OK."""
+    import concurrent.futures
+
+    from tests.integration.loop_thread import loop_thread
+
+    methods = Methods()
+    with loop_thread() as lt:
+        srv = lt.run(serve_grpc_h2(methods.table(), "127.0.0.1", 0))
+        port = srv.sockets[0].getsockname()[1]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            future = channel.unary_unary(GATED).future(b"across", timeout=STEP_TIMEOUT)
+            deadline = time.monotonic() + STEP_TIMEOUT
+            while GATED not in methods.calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                stopping = pool.submit(lt.run, srv.shutdown(grace=STEP_TIMEOUT))
+                time.sleep(0.1)  # the GOAWAY is out; the call is still held, and so is the shutdown
+                assert not future.done() and not stopping.done()
+                lt.call(methods.gate.set)
+                assert future.result(timeout=STEP_TIMEOUT) == b"across"
+                stopping.result(timeout=STEP_TIMEOUT)
+
+
+async def test_shutdown_gives_up_on_a_call_that_outlives_the_grace_period() -> None:
+    methods = Methods()
+    srv = await serve_grpc_h2(methods.table(), "127.0.0.1", 0)
+    c = await H2Client.open(srv.sockets[0].getsockname()[1])
+    try:
+        sid = c.start(GATED)
+        await c.send(sid, grpc_frame(b"never"), end=True)
+        await c.pump(lambda: GATED in methods.calls)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(srv.shutdown(grace=0.2), STEP_TIMEOUT)
+        assert 0.2 <= loop.time() - started < STEP_TIMEOUT
+        await c.pump(lambda: False)
+        assert c.eof and not c.replies[sid].ended  # aborted, never answered
+    finally:
+        methods.gate.set()
+        await c.close()

@@ -421,6 +421,7 @@ def test_exported_names() -> None:
         "GRPC_RESOURCE_EXHAUSTED",
         "GRPC_UNIMPLEMENTED",
         "GrpcH2Protocol",
+        "GrpcH2Server",
         "GrpcStatusError",
         "H2Limits",
         "UnaryMethod",
@@ -445,3 +446,31 @@ def test_grpc_message_percent_encoding_round_trips(text: str) -> None:
     encoded = grpc_h2._percent_encode(text)
     assert all(0x20 <= c <= 0x7E for c in encoded)
     assert unquote_to_bytes(encoded.decode("ascii")) == text.encode("utf-8", "replace")
+
+
+def test_go_away_answers_open_streams_refuses_new_ones_then_closes() -> None:
+    """RFC 9113 §6.8 graceful shutdown: GOAWAY(NO_ERROR, last accepted stream); stream 1 (headers seen,
+    body not yet) is still answered; stream 3 opened after the GOAWAY is refused; then the close."""
+    w = Wire()
+    w.start()
+    w.feed(frame(HEADERS, END_HEADERS, 1, w.block()))
+    w.frames()
+    w.proto.go_away()
+    goaway = w.frames()[-1]
+    assert goaway[0] == GOAWAY and goaway[3] == (1).to_bytes(4, "big") + (0).to_bytes(4, "big")
+    assert not w.transport.closed and not w.proto.finished
+    w.feed(frame(HEADERS, END_HEADERS | END_STREAM, 3, w.block()))
+    assert [(f[0], f[2], f[3]) for f in w.frames()] == [(RST, 3, b"\x00\x00\x00\x07")]
+    w.feed(frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x02ok"))
+    assert w.replies() == {1: (0, b"ok")}
+    assert w.transport.closed and w.proto.finished
+
+
+def test_go_away_on_an_idle_connection_closes_it_at_once() -> None:
+    w = Wire()
+    w.start()
+    w.feed(w.call(1, b"a"))
+    w.proto.go_away()
+    w.proto.go_away()  # idempotent
+    assert [f[0] for f in w.frames()].count(GOAWAY) == 1
+    assert w.transport.closed
