@@ -32,7 +32,7 @@ from authz.server.grpc_h2 import (
     GrpcStatusError,
     serve_grpc_h2,
 )
-from authz.server.http_ext_authz import HttpCheckSettings, serve_http
+from authz.server.http_ext_authz import HttpCheckServer, HttpCheckSettings, serve_http
 
 __all__ = [
     "CHECK_METHOD",
@@ -114,7 +114,7 @@ class Server:
         self.authenticator = self.runtime.authenticator
         self._grpc: grpc.aio.Server | None = None
         self._grpc_h2: GrpcH2Server | None = None
-        self._http: asyncio.Server | None = None
+        self._http: HttpCheckServer | None = None
         self._admin: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[Any] | None = None
         self._stop = asyncio.Event()
@@ -217,7 +217,7 @@ class Server:
         self.ready = False
         self._stop.set()
         if self._http is not None:
-            self._http.close()
+            await self._http.shutdown(grace=1.0)
         if self._grpc_h2 is not None:
             await self._grpc_h2.shutdown(grace=1.0)
         if self._grpc is not None:

@@ -35,7 +35,7 @@ from authz.request import HttpAttributes, Peer, Request
 from authz.server.grpc_ext_authz import Checker, denied_body, internal_error_decision
 from authz.server.limits import MAX_HEADER_COUNT, MAX_HEADERS_BYTES, MAX_PATH_BYTES
 
-__all__ = ["TRUSTED_HEADERS", "HttpCheckSettings", "HttpExtAuthzProtocol", "serve_http"]
+__all__ = ["TRUSTED_HEADERS", "HttpCheckServer", "HttpCheckSettings", "HttpExtAuthzProtocol", "serve_http"]
 
 log = logging.getLogger("authz.server.http")
 
@@ -236,11 +236,14 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_header_bytes",
         "_header_count",
         "_headers",
+        "_in_message",
         "_malformed",
         "_parser",
         "_peer",
         "_queue",
+        "_registry",
         "_settings",
+        "_stopping",
         "_transport",
         "_trusted",
         "_url",
@@ -251,8 +254,12 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         check: Checker,
         settings: HttpCheckSettings,
         malformed: Callable[[MalformedRequest], Decision],
+        registry: set[HttpExtAuthzProtocol] | None = None,
     ) -> None:
         self._check = check
+        self._registry = registry  # the server's open connections (HttpCheckServer.shutdown), if any
+        self._stopping = False  # answer what was read with "connection: close", accept nothing more
+        self._in_message = False
         self._settings = settings
         self._malformed = malformed
         self._parser = httptools.HttpRequestParser(self)
@@ -273,6 +280,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        if self._registry is not None:
+            self._registry.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = (str(peer[0]), int(peer[1]))
@@ -288,6 +297,27 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._transport = None
+        if self._registry is not None:
+            self._registry.discard(self)
+
+    # -- stopping -------------------------------------------------------------------------------------
+    def stop_after_current(self) -> None:
+        """HTTP/1.1 has no GOAWAY: close now if idle, else answer what was read with ``connection: close``
+        (RFC 9112 §9.6) and close then."""
+        self._stopping = True
+        if not self._in_message and not self._draining and not self._queue:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once (the end of a shutdown's grace period)."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
     def _fail(self, raw: bytes) -> None:
         if self._transport is not None and not self._closing:
@@ -297,6 +327,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
 
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._url = b""
         self._headers = {}
         self._trusted = {}
@@ -342,7 +373,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._error = MalformedRequest("check request body too large")
 
     def on_message_complete(self) -> None:
-        keep_alive = self._parser.should_keep_alive()
+        self._in_message = False
+        keep_alive = self._parser.should_keep_alive() and not self._stopping
         item: Request | MalformedRequest
         if self._error is not None:
             item = self._error
@@ -380,10 +412,12 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                         decision = self._malformed(item)
                     else:
                         decision = await self._check(item)
+                    keep_alive = keep_alive and not self._stopping  # a stop may come while deciding
                     raw = encode_response(decision, keep_alive=keep_alive)
                 except Exception:
                     log.exception("internal error in HTTP check")
                     INTERNAL_ERRORS.labels(front="http").inc()
+                    keep_alive = keep_alive and not self._stopping
                     raw = encode_response(internal_error_decision("internal error"), keep_alive=keep_alive)
                 transport = self._transport
                 if transport is None or self._closing:
@@ -433,6 +467,43 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
             return
 
 
+class HttpCheckServer:
+    """The listening socket and its open connections (``asyncio.Server``'s ``sockets``, ``close`` and
+    ``wait_closed``, plus :meth:`shutdown`)."""
+
+    def __init__(self, server: asyncio.Server, connections: set[HttpExtAuthzProtocol]) -> None:
+        self._server = server
+        self._connections = connections
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets)
+
+    def close(self) -> None:
+        """Stop accepting connections (open ones stay; see :meth:`shutdown`)."""
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """Stop accepting; close idle keep-alive connections; answer the checks already read (with
+        ``connection: close``) for up to ``grace`` seconds; then close whatever is left."""
+        self._server.close()
+        for conn in list(self._connections):
+            conn.stop_after_current()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)  # bounded by the grace period
+        for conn in list(self._connections):
+            conn.abort()
+        closing_deadline = loop.time() + 1.0
+        while self._connections and loop.time() < closing_deadline:
+            await asyncio.sleep(0.005)  # connection_lost runs on a later iteration; one second at most
+        await self._server.wait_closed()
+
+
 async def serve_http(
     check: Checker,
     host: str,
@@ -442,16 +513,15 @@ async def serve_http(
     malformed: Callable[[MalformedRequest], Decision],
     reuse_port: bool = False,
     sock: Any = None,
-) -> asyncio.Server:
+) -> HttpCheckServer:
     loop = asyncio.get_running_loop()
+    connections: set[HttpExtAuthzProtocol] = set()
+
+    def protocol() -> HttpExtAuthzProtocol:
+        return HttpExtAuthzProtocol(check, settings, malformed, connections)
+
     if sock is not None:
-        return await loop.create_server(
-            lambda: HttpExtAuthzProtocol(check, settings, malformed), sock=sock, backlog=1024
-        )
-    return await loop.create_server(
-        lambda: HttpExtAuthzProtocol(check, settings, malformed),
-        host,
-        port,
-        reuse_port=reuse_port or None,
-        backlog=1024,
-    )
+        server = await loop.create_server(protocol, sock=sock, backlog=1024)
+    else:
+        server = await loop.create_server(protocol, host, port, reuse_port=reuse_port or None, backlog=1024)
+    return HttpCheckServer(server, connections)

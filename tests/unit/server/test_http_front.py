@@ -197,3 +197,48 @@ async def test_connection_facts_follow_the_headers_of_each_request() -> None:
     # No x-authz-source-address: the source is the connection's peer, so two connections differ.
     assert seen[0].source.port == seen[2].source.port != seen[3].source.port
     assert all(r.source.address == "127.0.0.1" and r.source.port > 0 for r in seen)
+
+
+# -- stopping -------------------------------------------------------------------------------------------
+async def _read_until_eof(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), timeout=5)
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def test_shutdown_closes_idle_connections_and_answers_checks_in_flight_with_close() -> None:
+    rec = SlowRecorder()
+    server = await serve_http(rec, "127.0.0.1", 0, settings=HttpCheckSettings(), malformed=malformed)
+    port = server.sockets[0].getsockname()[1]
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+    part_reader, part_writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        idle_writer.write(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += await asyncio.wait_for(idle_reader.read(65536), timeout=5)
+        assert first.startswith(b"HTTP/1.1 200 OK") and b"connection: close" not in first
+        busy_writer.write(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")  # SlowRecorder: still deciding
+        part_writer.write(b"GET /ok HTTP/1.1\r\nHost: a\r\n")  # half a request
+        await asyncio.sleep(0.002)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stopping = asyncio.ensure_future(server.shutdown(grace=5))
+        assert await _read_until_eof(idle_reader) == b""  # idle: closed at once, nothing sent
+        assert loop.time() - started < 1.0  # not by the end of the grace period
+        busy = await _read_until_eof(busy_reader)
+        assert busy.startswith(b"HTTP/1.1 200 OK") and b"connection: close\r\n" in busy, busy
+        part_writer.write(b"\r\n")  # the rest of the request read before the stop
+        part = await _read_until_eof(part_reader)
+        assert part.startswith(b"HTTP/1.1 200 OK") and b"connection: close\r\n" in part
+        await asyncio.wait_for(stopping, 5)
+        assert loop.time() - started < 2.0  # done when the last check was answered, not at the grace end
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        for w in (idle_writer, busy_writer, part_writer):
+            w.close()
