@@ -78,6 +78,12 @@ def _classify(name: bytes) -> tuple[str, int]:
 
 # A check request carries no body unless Envoy is configured to buffer one; cap what we accept.
 MAX_BODY_BYTES = 1024 * 1024
+# Everything one check request may make us hold: headers, path, body, and room for the request line.
+MAX_MESSAGE_BYTES = MAX_HEADERS_BYTES + MAX_PATH_BYTES + MAX_BODY_BYTES + 4096
+_TOO_LARGE_HEAD = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+)
+_TOO_LARGE_BODY = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _NO_PEER = Peer()
 # Request(...) and HttpAttributes(...) at half the cost: one of each per check.
 _build_request = value_builder(Request)
@@ -236,11 +242,13 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_header_bytes",
         "_header_count",
         "_headers",
+        "_in_body",
         "_in_message",
         "_malformed",
         "_parser",
         "_peer",
         "_queue",
+        "_received",
         "_registry",
         "_settings",
         "_stopping",
@@ -260,6 +268,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._registry = registry  # the server's open connections (HttpCheckServer.shutdown), if any
         self._stopping = False  # answer what was read with "connection: close", accept nothing more
         self._in_message = False
+        self._in_body = False
+        self._received = 0  # bytes of the current message so far (data_received)
         self._settings = settings
         self._malformed = malformed
         self._parser = httptools.HttpRequestParser(self)
@@ -287,6 +297,13 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._peer = (str(peer[0]), int(peer[1]))
 
     def data_received(self, data: bytes) -> None:
+        # httptools buffers a header value until its end, whatever its size: bound what one message may
+        # make us hold (counted from its start; pipelined messages undercount by at most one read).
+        received = self._received + len(data)
+        if received > MAX_MESSAGE_BYTES:
+            self._fail(_TOO_LARGE_BODY if self._in_body else _TOO_LARGE_HEAD)
+            return
+        self._received = received
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -328,6 +345,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_body = False
         self._url = b""
         self._headers = {}
         self._trusted = {}
@@ -372,8 +390,12 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         if self._body_bytes > MAX_BODY_BYTES and self._error is None:
             self._error = MalformedRequest("check request body too large")
 
+    def on_headers_complete(self) -> None:
+        self._in_body = True
+
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._received = 0
         keep_alive = self._parser.should_keep_alive() and not self._stopping
         item: Request | MalformedRequest
         if self._error is not None:

@@ -242,3 +242,75 @@ async def test_shutdown_closes_idle_connections_and_answers_checks_in_flight_wit
     finally:
         for w in (idle_writer, busy_writer, part_writer):
             w.close()
+
+
+# -- what one message may make us hold ---------------------------------------------------------------------
+async def _send_until_refused(port: int, pieces: list[bytes]) -> tuple[bytes, int]:
+    """Send ``pieces`` one by one, looking for an answer after each; stop at the first answer, reset or
+    close. Returns (what was read, how many pieces were sent)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer, sent = b"", 0
+    try:
+        for piece in pieces:
+            try:
+                writer.write(piece)
+                await writer.drain()
+            except ConnectionError:
+                break
+            sent += 1
+            try:
+                answer = await asyncio.wait_for(reader.read(4096), timeout=0.02)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            break  # an answer, or b"" (closed)
+        return answer, sent
+    finally:
+        writer.close()
+
+
+async def test_a_header_too_large_to_hold_is_refused_431_before_it_ends() -> None:
+    """The server stops reading a message that outgrows what one check may hold: the client sees the 431
+    (or 413 for a body), or at least the connection refused, long before it sent everything."""
+    from authz.server.http_ext_authz import MAX_MESSAGE_BYTES
+
+    server = await serve_http(Recorder(), "127.0.0.1", 0, settings=HttpCheckSettings(), malformed=malformed)
+    port = server.sockets[0].getsockname()[1]
+    chunk = 65536
+    many = MAX_MESSAGE_BYTES // chunk + 40
+    try:
+        head = [b"GET /ok HTTP/1.1\r\nHost: a\r\nx-huge: "] + [b"a" * chunk] * many
+        answer, sent = await _send_until_refused(port, [*head, b"\r\n\r\n"])
+        assert sent < many, "the whole oversized header was accepted"
+        assert answer.startswith(b"HTTP/1.1 431 ") or answer == b"", answer[:80]
+        body_head = [b"POST /ok HTTP/1.1\r\nHost: a\r\ncontent-length: %d\r\n\r\n" % (many * chunk)]
+        answer, sent = await _send_until_refused(port, body_head + [b"b" * chunk] * many)
+        assert sent < many, "the whole oversized body was accepted"
+        assert answer.startswith(b"HTTP/1.1 413 ") or answer == b"", answer[:80]
+    finally:
+        await server.shutdown(grace=1)
+
+
+async def test_the_per_message_bound_restarts_with_each_message() -> None:
+    """Many small pipelined checks, far more bytes in all than one message may hold, are all answered."""
+    from authz.server.http_ext_authz import MAX_MESSAGE_BYTES
+
+    rec = Recorder()
+    server = await serve_http(rec, "127.0.0.1", 0, settings=HttpCheckSettings(), malformed=malformed)
+    port = server.sockets[0].getsockname()[1]
+    request = b"GET /ok HTTP/1.1\r\nHost: a\r\nx-pad: " + b"p" * 4000 + b"\r\n\r\n"
+    count = MAX_MESSAGE_BYTES // len(request) + 50
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request * count)
+        await writer.drain()
+        data = b""
+        while data.count(b"HTTP/1.1 200 OK") < count:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), timeout=10)
+            assert chunk, data[-200:]
+            data += chunk
+        assert b"431" not in data and b"413" not in data
+        writer.close()
+    finally:
+        await server.shutdown(grace=1)
