@@ -96,13 +96,15 @@ class _ConnectionError(AuthzError):
 # As grpc-core's default MAX_CONCURRENT_STREAMS bound (it advertises none, clients cap near 100-1000);
 # Envoy's generated bootstrap opens one stream per connection anyway.
 DEFAULT_MAX_CONCURRENT_STREAMS = 1000
-# grpc's default max receive message length is 4 MiB; a CheckRequest is a few KiB.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A CheckRequest is a few KiB; with Envoy's with_request_body it carries up to the body the HTTP front also
+# accepts (1 MiB, authz.server.http_ext_authz.MAX_BODY_BYTES). grpc's default (4 MiB) is more than a check
+# needs, and every byte allowed here is memory a connection may make us hold.
+DEFAULT_MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 # Stream receive window: large enough that a request never waits on a stream WINDOW_UPDATE.
 DEFAULT_INITIAL_WINDOW = 4 * 1024 * 1024
 # Connection receive window: must exceed one whole maximal message (plus framing) so that any single
 # request can complete; it also bounds the request bytes held across all incomplete streams.
-DEFAULT_CONNECTION_WINDOW = 8 * 1024 * 1024
+DEFAULT_CONNECTION_WINDOW = 4 * 1024 * 1024
 # Bound on the block -> verdict cache (Envoy sends a handful of distinct blocks).
 DEFAULT_MAX_CACHED_BLOCKS = 256
 

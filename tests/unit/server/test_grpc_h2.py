@@ -219,8 +219,7 @@ async def server(limits: H2Limits = DEFAULT_LIMITS) -> AsyncIterator[tuple[int, 
     try:
         yield srv.sockets[0].getsockname()[1], methods
     finally:
-        srv.close()
-        await srv.wait_closed()
+        await srv.shutdown(grace=STEP_TIMEOUT)  # also waits until every server-side socket is closed
 
 
 @contextlib.asynccontextmanager

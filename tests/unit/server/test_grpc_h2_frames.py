@@ -127,7 +127,7 @@ def test_server_preface_is_settings_then_a_connection_window_update() -> None:
     settings_ = dict(struct.iter_unpack(">HI", s_payload))
     assert settings_[0x3] == 1000 and settings_[0x4] == 4 * 1024 * 1024 and 0x6 in settings_
     assert (u_type, u_sid) == (WINDOW, 0)
-    assert int.from_bytes(u_payload, "big") == 8 * 1024 * 1024 - 65535
+    assert int.from_bytes(u_payload, "big") == 4 * 1024 * 1024 - 65535
 
 
 def test_preface_split_byte_by_byte_then_a_call_is_answered_in_one_write() -> None:

@@ -58,7 +58,7 @@ async def roundtrip(raw: bytes, settings_: HttpCheckSettings | None = None) -> t
         writer.close()
         return data, rec
     finally:
-        server.close()
+        await server.shutdown(grace=5)  # also waits until every server-side socket is closed
 
 
 async def test_allow_carries_headers_and_removal_list() -> None:
@@ -166,7 +166,7 @@ async def test_checks_that_wait_are_answered_in_order() -> None:
             data += await asyncio.wait_for(reader.read(65536), timeout=5)
         writer.close()
     finally:
-        server.close()
+        await server.shutdown(grace=5)  # also waits until every server-side socket is closed
     assert data.index(b"200 OK") < data.index(b"403 Forbidden")
 
 
