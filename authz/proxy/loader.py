@@ -971,8 +971,11 @@ def _parse_proxy_config(rd: _Reader, base: Path | None) -> ProxySettings:
     det_path = ("spec", "inbound", "setCurrentClientCertDetails")
     details = rd.mapping(inbound.get("setCurrentClientCertDetails"), det_path)
     for key in details:
-        if key not in ("subject", "uri", "dns"):
-            rd.fail((*det_path, str(key)), "supported details are subject, uri and dns")
+        if key == "chain":
+            # Envoy's Chain is every certificate the peer sent; Python's ssl (3.11) exposes only the leaf.
+            rd.fail((*det_path, "chain"), "chain is not supported (the peer's chain is not available here)")
+        elif key not in ("subject", "cert", "uri", "dns"):
+            rd.fail((*det_path, str(key)), "supported details are subject, cert, uri and dns")
     # Absent: what istiod sets on sidecar inbound (Subject, URI, DNS). Given: Envoy's proto, unset = false.
     given = inbound.get("setCurrentClientCertDetails") is not None
     client_cert = ClientCertDetails(
@@ -980,6 +983,7 @@ def _parse_proxy_config(rd: _Reader, base: Path | None) -> ProxySettings:
         subject=rd.boolean(details.get("subject"), (*det_path, "subject"), not given),
         uri=rd.boolean(details.get("uri"), (*det_path, "uri"), not given),
         dns=rd.boolean(details.get("dns"), (*det_path, "dns"), not given),
+        cert=rd.boolean(details.get("cert"), (*det_path, "cert"), False),
     )
     return ProxySettings(
         namespace=rd.string(wm.get("namespace"), ("spec", "workload", "namespace"), rd.r.namespace),

@@ -70,7 +70,7 @@ ForwardClientCert = Literal[
 @dataclass(frozen=True, slots=True)
 class ClientCertDetails:
     """The inbound listener's ``x-forwarded-client-cert`` handling: Envoy HCM ``forward_client_cert_details``
-    (``forward``) and ``set_current_client_cert_details`` (``subject``, ``uri``, ``dns``).
+    (``forward``) and ``set_current_client_cert_details`` (``subject``, ``cert``, ``uri``, ``dns``).
 
     Default ``SANITIZE_SET``: the header carries only what this sidecar verified, whatever the client sent
     (Istio's sidecars use APPEND_FORWARD, which keeps a client's elements in front of ours). The detail flags
@@ -81,6 +81,8 @@ class ClientCertDetails:
     subject: bool = True
     uri: bool = True
     dns: bool = True
+    cert: bool = False
+    """``Cert="<URL-encoded PEM>"``: the peer's leaf certificate (istiod does not set it on sidecars)."""
 
 
 @dataclass(frozen=True, slots=True)

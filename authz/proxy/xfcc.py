@@ -12,7 +12,8 @@ with HCM ``forward_client_cert_details`` (DPA ``http_connection_manager.proto`` 
 This hop's element is ``By=<each URI SAN of our certificate>;Hash=<hex SHA-256 of the peer's DER
 certificate>`` followed by what ``set_current_client_cert_details`` asks for, in Envoy's order:
 ``Subject="<RFC 2253 subject>"`` (present even when empty), ``URI=<each URI SAN>`` (``URI=`` when none),
-``DNS=<each DNS SAN>``. istiod sets ``Subject``, ``URI`` and ``DNS`` on sidecar inbound listeners (istio
+``DNS=<each DNS SAN>``; ``Cert="<URL-encoded PEM>"`` comes right after ``Hash`` when asked for.
+istiod sets ``Subject``, ``URI`` and ``DNS`` on sidecar inbound listeners (istio
 ``pilot/pkg/networking/core/listener.go``) with ``APPEND_FORWARD``; our default is ``SANITIZE_SET`` so that a
 client can never smuggle elements of its own. The format is checked against Envoy 1.40 in
 ``tests/integration/test_proxy_oracle_mtls.py``.
@@ -28,7 +29,14 @@ from cryptography import x509
 
 from authz.proxy.settings import ClientCertDetails
 
-__all__ = ["XFCC_HEADER", "ClientCertForwarding", "PeerCertificate", "certificate_uris", "peer_certificate"]
+__all__ = [
+    "XFCC_HEADER",
+    "ClientCertForwarding",
+    "PeerCertificate",
+    "certificate_uris",
+    "peer_certificate",
+    "url_encoded_pem",
+]
 
 XFCC_HEADER = "x-forwarded-client-cert"
 
@@ -61,6 +69,15 @@ def peer_certificate(pem: str) -> PeerCertificate:
     return PeerCertificate(hashlib.sha256(der).hexdigest(), cert.subject.rfc4514_string(), uris, dns)
 
 
+# Envoy ``ConnectionInfoImplBase::urlEncodedPemEncodedPeerCertificate``: the PEM with these five replaced.
+_PEM_ESCAPES = str.maketrans({"\n": "%0A", " ": "%20", "+": "%2B", "/": "%2F", "=": "%3D"})
+
+
+def url_encoded_pem(pem: str) -> str:
+    """The peer certificate as XFCC's ``Cert`` carries it (Envoy's URL-encoded PEM)."""
+    return pem.translate(_PEM_ESCAPES)
+
+
 def certificate_uris(pem: bytes) -> tuple[str, ...]:
     """The URI SANs of the first certificate in ``pem`` (our own leaf: Envoy's ``uriSanLocalCertificate``)."""
     return _sans(x509.load_pem_x509_certificate(pem))[0]
@@ -86,6 +103,8 @@ class ClientCertForwarding:
         d = self.details
         parts = [f"By={uri}" for uri in self.own_uris]
         parts.append(f"Hash={peer.sha256}")
+        if d.cert:
+            parts.append(f'Cert="{url_encoded_pem(peer_pem)}"')
         if d.subject:
             parts.append(f'Subject="{peer.subject}"')
         if d.uri:

@@ -35,6 +35,8 @@ FORGED = "By=spiffe://forged/sa/x;URI=spiffe://forged/sa/admin"
 VARIANTS: dict[str, tuple[str, dict[str, bool]]] = {
     "sanitize-set": ("SANITIZE_SET", {"subject": True, "uri": True, "dns": True}),
     "sanitize-set-uri-only": ("SANITIZE_SET", {"uri": True}),
+    "sanitize-set-cert": ("SANITIZE_SET", {"cert": True, "subject": True, "uri": True, "dns": True}),
+    "append-forward-cert-only": ("APPEND_FORWARD", {"cert": True}),
     "append-forward": ("APPEND_FORWARD", {"subject": True, "uri": True, "dns": True}),
     "sanitize": ("SANITIZE", {"subject": True, "uri": True, "dns": True}),
     "forward-only": ("FORWARD_ONLY", {"subject": True, "uri": True, "dns": True}),
@@ -242,3 +244,17 @@ async def test_sanitize_set_element_is_exactly_this_hop(mesh: Mesh, sidecars: di
     assert appended[0].startswith(FORGED + ",By=")
     _, plain = await seen_xfcc(mesh, sidecars["sanitize-set"], tls=False)
     assert plain == []
+
+
+async def test_cert_detail_carries_the_client_certificate(mesh: Mesh, sidecars: dict[str, int]) -> None:
+    """``cert: true``: a ``Cert="..."`` right after ``Hash`` that URL-decodes to the client's leaf PEM (so the
+    Envoy comparison above is not two empty strings agreeing)."""
+    import ssl
+    from urllib.parse import unquote
+
+    _, values = await seen_xfcc(mesh, sidecars["append-forward-cert-only"], tls=True)
+    element = values[-1].split(",")[-1]
+    fields = element.split(";")
+    assert fields[1].startswith("Hash=") and fields[2].startswith('Cert="') and fields[2].endswith('"')
+    assert unquote(fields[2][len('Cert="') : -1]) == ssl.DER_cert_to_PEM_cert(mesh.client_der)
+    assert len(fields) == 3  # cert only: no Subject, URI or DNS

@@ -95,13 +95,18 @@ def test_proxy_config_defaults_and_overrides() -> None:
     assert _config(
         "{port: 0, forwardClientCertDetails: APPEND_FORWARD, setCurrentClientCertDetails: {uri: true}}"
     ) == (ClientCertDetails("APPEND_FORWARD", subject=False, uri=True, dns=False))
+    assert _config("{port: 0, setCurrentClientCertDetails: {cert: true}}") == ClientCertDetails(
+        "SANITIZE_SET", subject=False, uri=False, dns=False, cert=True
+    )
 
 
 @pytest.mark.parametrize(
     ("inbound", "field"),
     [
         ("{forwardClientCertDetails: SET}", "spec.inbound.forwardClientCertDetails"),
-        ("{setCurrentClientCertDetails: {cert: true}}", "spec.inbound.setCurrentClientCertDetails.cert"),
+        ("{setCurrentClientCertDetails: {chain: true}}", "spec.inbound.setCurrentClientCertDetails.chain"),
+        ("{setCurrentClientCertDetails: {x: true}}", "spec.inbound.setCurrentClientCertDetails.x"),
+        ("{setCurrentClientCertDetails: {cert: yes-ish}}", "spec.inbound.setCurrentClientCertDetails.cert"),
     ],
 )
 def test_proxy_config_errors_name_the_field(inbound: str, field: str) -> None:
