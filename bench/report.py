@@ -40,14 +40,15 @@ class FloorRatio:
         return self.authz_us / self.floor_us
 
 
-def floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
-    """For every measured ext_authz row (3g*, 3h*) whose protocol's floor row (3gb, 3hb) was measured in the
-    same run: ``authz us / bare us`` (median CPU µs per request of each). Rows or floors that are not
-    ``ok``, or lack a CPU number, are left out rather than given a made-up ratio."""
+def floor_ratios(results: Sequence[RowResult], *, reading_headers: bool = False) -> list[FloorRatio]:
+    """For every measured ext_authz row (3g*, 3h*) whose protocol's floor row (3gb, 3hb; with
+    ``reading_headers`` 3ht, the bare server that reads every header and keeps a token cache) was measured
+    in the same run: ``authz us / bare us`` (median CPU µs per request of each). Rows or floors that are
+    not ``ok``, or lack a CPU number, are left out rather than given a made-up ratio."""
     floors = {
         r.spec.mode: r
         for r in results
-        if r.status == "ok" and r.spec.kind == "bare_ext_authz" and not r.spec.reads_headers
+        if r.status == "ok" and r.spec.kind == "bare_ext_authz" and r.spec.reads_headers == reading_headers
     }
     out: list[FloorRatio] = []
     for r in results:
@@ -62,23 +63,8 @@ def floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
 
 
 def header_floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
-    """For every measured HTTP ext_authz row, its authorizer CPU per check over row 3ht's (the bare server
-    that reads every header and keeps a token cache), when 3ht was measured in the same run."""
-    floor = next(
-        (r for r in results if r.status == "ok" and r.spec.kind == "bare_ext_authz" and r.spec.reads_headers),
-        None,
-    )
-    out: list[FloorRatio] = []
-    floor_us = floor.cpu_us(BARE_PROCESS) if floor is not None else None
-    if floor is None or floor_us is None or floor_us <= 0:
-        return out
-    for r in results:
-        if r.status != "ok" or r.spec.kind != "ext_authz" or r.spec.mode != "http":
-            continue
-        authz_us = r.cpu_us("authz")
-        if authz_us is not None:
-            out.append(FloorRatio(r.spec.id, floor.spec.id, authz_us, floor_us))
-    return out
+    """:func:`floor_ratios` against row 3ht (HTTP rows only: there is no header-reading gRPC floor)."""
+    return floor_ratios(results, reading_headers=True)
 
 
 def floor_line(f: FloorRatio) -> str:

@@ -27,11 +27,12 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import hpack
 
 from authz.errors import AuthzError, ConfigError
+from authz.server.graceful import GracefulServer
 from authz.server.http_ext_authz import run_eagerly
 from authz.server.limits import MAX_HEADERS_BYTES
 
@@ -414,7 +415,7 @@ class GrpcH2Protocol(asyncio.Protocol):
             self._registry.discard(self)
 
     # -- graceful shutdown ----------------------------------------------------------------------------
-    def go_away(self) -> None:
+    def stop_gracefully(self) -> None:
         """RFC 9113 §6.8 graceful shutdown: GOAWAY(NO_ERROR) naming the last stream we accepted; the streams
         up to it are answered, later ones refused (the client retries them on a new connection); the
         connection closes once the last open stream is answered."""
@@ -923,43 +924,9 @@ class GrpcH2Protocol(asyncio.Protocol):
         self._maybe_finish()
 
 
-class GrpcH2Server:
-    """The listening socket and its open connections (``asyncio.Server``'s ``sockets``, ``close`` and
-    ``wait_closed``, plus a graceful :meth:`shutdown`)."""
-
-    def __init__(self, server: asyncio.Server, connections: set[GrpcH2Protocol]) -> None:
-        self._server = server
-        self._connections = connections
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
-        return tuple(self._server.sockets)
-
-    def close(self) -> None:
-        """Stop accepting connections (open ones stay; see :meth:`shutdown`)."""
-        self._server.close()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-
-    async def shutdown(self, grace: float = 1.0) -> None:
-        """Stop accepting, send every connection GOAWAY, answer the calls in flight for up to ``grace``
-        seconds, then close whatever is left: Envoy sends new checks to a fresh connection (another
-        worker, or this authorizer once restarted) instead of seeing them reset."""
-        self._server.close()
-        for conn in list(self._connections):
-            conn.go_away()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while not all(conn.finished for conn in self._connections) and loop.time() < deadline:
-            await asyncio.sleep(0.01)  # bounded by the grace period
-        for conn in list(self._connections):
-            conn.abort()
-        # Every transport reports connection_lost (which leaves the registry) on a later loop iteration.
-        closing_deadline = loop.time() + 1.0
-        while self._connections and loop.time() < closing_deadline:
-            await asyncio.sleep(0.005)  # bounded: one second at most
-        await self._server.wait_closed()
+GrpcH2Server = GracefulServer[GrpcH2Protocol]
+"""What :func:`serve_grpc_h2` returns; its ``shutdown`` sends every connection GOAWAY: Envoy sends new checks
+to a fresh connection (another worker, or this authorizer once restarted) instead of seeing them reset."""
 
 
 async def serve_grpc_h2(

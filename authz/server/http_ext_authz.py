@@ -32,6 +32,7 @@ from authz.decision import Decision, value_builder
 from authz.errors import MalformedRequest
 from authz.metrics import INTERNAL_ERRORS
 from authz.request import HttpAttributes, Peer, Request
+from authz.server.graceful import GracefulServer
 from authz.server.grpc_ext_authz import Checker, denied_body, internal_error_decision
 from authz.server.limits import MAX_HEADER_COUNT, MAX_HEADERS_BYTES, MAX_PATH_BYTES
 
@@ -318,7 +319,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._registry.discard(self)
 
     # -- stopping -------------------------------------------------------------------------------------
-    def stop_after_current(self) -> None:
+    def stop_gracefully(self) -> None:
         """HTTP/1.1 has no GOAWAY: close now if idle, else answer what was read with ``connection: close``
         (RFC 9112 §9.6) and close then."""
         self._stopping = True
@@ -489,41 +490,9 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
             return
 
 
-class HttpCheckServer:
-    """The listening socket and its open connections (``asyncio.Server``'s ``sockets``, ``close`` and
-    ``wait_closed``, plus :meth:`shutdown`)."""
-
-    def __init__(self, server: asyncio.Server, connections: set[HttpExtAuthzProtocol]) -> None:
-        self._server = server
-        self._connections = connections
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
-        return tuple(self._server.sockets)
-
-    def close(self) -> None:
-        """Stop accepting connections (open ones stay; see :meth:`shutdown`)."""
-        self._server.close()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-
-    async def shutdown(self, grace: float = 1.0) -> None:
-        """Stop accepting; close idle keep-alive connections; answer the checks already read (with
-        ``connection: close``) for up to ``grace`` seconds; then close whatever is left."""
-        self._server.close()
-        for conn in list(self._connections):
-            conn.stop_after_current()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self._connections and loop.time() < deadline:
-            await asyncio.sleep(0.01)  # bounded by the grace period
-        for conn in list(self._connections):
-            conn.abort()
-        closing_deadline = loop.time() + 1.0
-        while self._connections and loop.time() < closing_deadline:
-            await asyncio.sleep(0.005)  # connection_lost runs on a later iteration; one second at most
-        await self._server.wait_closed()
+HttpCheckServer = GracefulServer[HttpExtAuthzProtocol]
+"""What :func:`serve_http` returns; its ``shutdown`` closes idle keep-alive connections and answers the
+checks already read with ``connection: close``."""
 
 
 async def serve_http(

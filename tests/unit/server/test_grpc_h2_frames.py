@@ -455,7 +455,7 @@ def test_go_away_answers_open_streams_refuses_new_ones_then_closes() -> None:
     w.start()
     w.feed(frame(HEADERS, END_HEADERS, 1, w.block()))
     w.frames()
-    w.proto.go_away()
+    w.proto.stop_gracefully()
     goaway = w.frames()[-1]
     assert goaway[0] == GOAWAY and goaway[3] == (1).to_bytes(4, "big") + (0).to_bytes(4, "big")
     assert not w.transport.closed and not w.proto.finished
@@ -470,7 +470,7 @@ def test_go_away_on_an_idle_connection_closes_it_at_once() -> None:
     w = Wire()
     w.start()
     w.feed(w.call(1, b"a"))
-    w.proto.go_away()
-    w.proto.go_away()  # idempotent
+    w.proto.stop_gracefully()
+    w.proto.stop_gracefully()  # idempotent
     assert [f[0] for f in w.frames()].count(GOAWAY) == 1
     assert w.transport.closed
