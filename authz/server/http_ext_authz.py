@@ -20,15 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 
-from authz.decision import Decision, value_builder
+from authz.decision import Decision, HeaderOps, value_builder
 from authz.errors import MalformedRequest
 from authz.metrics import INTERNAL_ERRORS
 from authz.request import HttpAttributes, Peer, Request
@@ -62,21 +63,6 @@ TRUSTED_HEADERS = (
 TRUSTED_VALUE_MARKER = "+"
 _TRUSTED_SET = frozenset(TRUSTED_HEADERS)
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "expect"})
-# Header names as they arrive -> (lower-case name, kind). Envoy sends the same few dozen names on every
-# check, so decoding and classifying each once saves work per header; bounded against junk names.
-_PLAIN, _HOP, _TRUSTED = 0, 1, 2
-_NAMES: dict[bytes, tuple[str, int]] = {}
-MAX_CACHED_NAMES = 2048
-
-
-def _classify(name: bytes) -> tuple[str, int]:
-    key = name.decode("ascii").lower()  # llhttp admits only token characters in names
-    kind = _HOP if key in _HOP_HEADERS else _TRUSTED if key in _TRUSTED_SET else _PLAIN
-    if len(_NAMES) < MAX_CACHED_NAMES:
-        _NAMES[name] = (key, kind)
-    return key, kind
-
-
 # A check request carries no body unless Envoy is configured to buffer one; cap what we accept.
 MAX_BODY_BYTES = 1024 * 1024
 # Everything one check request may make us hold: headers, path, body, and room for the request line.
@@ -158,24 +144,32 @@ def build_request(
     ``trusted`` holds the ``x-authz-*`` headers (when None they are taken out of ``headers``); only
     values carrying Envoy's ``+`` marker count, and only with ``settings.trust_envoy_headers``.
     """
-    path = raw_path
-    if settings.path_prefix and path.startswith(settings.path_prefix):
-        path = path[len(settings.path_prefix) :] or "/"
     if trusted is None:
         trusted = {name: headers.pop(name) for name in TRUSTED_HEADERS if name in headers}
     if settings.trust_envoy_headers and trusted:
-        # The facts are a pure function of the headers (and of the connection's peer address when
-        # Envoy did not send the source address), so equal headers share one immutable value.
-        key = (tuple(trusted), tuple(trusted.values()), None if H_SOURCE_ADDRESS in trusted else peer)
-        found = _facts_cache.get(key)
-        if found is None:
-            found = _trusted_facts(trusted, peer)
+        # The facts are a pure function of the headers (and of the connection's peer address unless
+        # Envoy sent the source address, marked), so equal headers share one immutable value.
+        marked_source = trusted.get(H_SOURCE_ADDRESS, "").startswith(TRUSTED_VALUE_MARKER)
+        key = (tuple(trusted), tuple(trusted.values()), None if marked_source else peer)
+        facts = _facts_cache.get(key)
+        if facts is None:
+            facts = _trusted_facts(trusted, peer)
             if len(_facts_cache) >= MAX_CACHED_FACTS:
                 _facts_cache.clear()
-            _facts_cache[key] = found
-        src, dst, sni, ext = found
+            _facts_cache[key] = facts
     else:
-        src, dst, sni, ext = Peer(address=peer[0], port=peer[1]), _NO_PEER, "", _NO_EXTENSIONS
+        facts = (Peer(address=peer[0], port=peer[1]), _NO_PEER, "", _NO_EXTENSIONS)
+    return _assemble(method, raw_path, headers, facts, settings)
+
+
+def _assemble(
+    method: str, raw_path: str, headers: dict[str, str], facts: _Facts, settings: HttpCheckSettings
+) -> Request:
+    """The :class:`Request` for a check whose headers are decoded and whose connection facts are known."""
+    path = raw_path
+    if settings.path_prefix and path.startswith(settings.path_prefix):
+        path = path[len(settings.path_prefix) :] or "/"
+    src, dst, sni, ext = facts
     host = headers.get("host", "")
     headers[":authority"] = host
     headers[":method"] = method
@@ -190,6 +184,139 @@ def build_request(
     )
 
 
+# -- Header fields, decoded per message -----------------------------------------------------------------
+# llhttp has already split every field line into name and value (RFC 9112 §5: leading OWS dropped, no
+# obs-fold, RFC 9110 §5.1/§5.5 token and field-value syntax enforced), so the parser callback only records
+# the raw pairs, and each message is decoded at once: lower-case names, UTF-8 values, hop-by-hop fields
+# dropped, the ``x-authz-*`` apart, two fields of one name joined with "," (RFC 9110 §5.3). Envoy sends the
+# same names in the same order on every check, so how to decode a sequence of names is worked out once
+# (a :class:`_HeaderPlan`) and the values of each message go through it in a few C-level calls.
+_RAW_LIMIT = 2 * (MAX_HEADER_COUNT + 1)  # flat name, value list: keeping one header past the limit shows it
+MAX_CACHED_PLANS = 256  # distinct header-name sequences; junk ones cost at most this many, dropped whole
+MAX_CACHED_RAW_FACTS = MAX_CACHED_FACTS
+
+
+def _picker(indices: Sequence[int]) -> Callable[[Sequence[bytes]], tuple[bytes, ...]]:
+    """``lambda items: tuple(items[i] for i in indices)`` as one C-level call (``itemgetter``)."""
+    if not indices:
+        return lambda items: ()
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda items: (items[only],)
+    return itemgetter(*indices)
+
+
+@dataclass(frozen=True, slots=True)
+class _HeaderPlan:
+    """How to decode the flat ``[name, value, ...]`` list of one sequence of header names."""
+
+    plain_keys: tuple[str, ...]
+    plain_values: Callable[[Sequence[bytes]], tuple[bytes, ...]]
+    trusted_keys: tuple[str, ...]
+    trusted_values: Callable[[Sequence[bytes]], tuple[bytes, ...]]
+
+
+_plans: dict[tuple[bytes, ...], _HeaderPlan | None] = {}
+_raw_facts_cache: dict[tuple[tuple[str, ...], tuple[bytes, ...], tuple[str, int]], _Facts] = {}
+
+
+def _plan_for(names: tuple[bytes, ...]) -> _HeaderPlan | None:
+    """The plan for ``names`` (memoized), or None when a name repeats: those take the one-by-one path."""
+    if names in _plans:
+        return _plans[names]
+    plain: list[tuple[int, str]] = []
+    trusted: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    plan: _HeaderPlan | None = None
+    for position, name in enumerate(names):
+        key = name.decode("ascii", "replace").lower()
+        if not name.isascii() or key in seen:
+            break
+        seen.add(key)
+        if key in _HOP_HEADERS:
+            continue
+        (trusted if key in _TRUSTED_SET else plain).append((2 * position + 1, key))
+    else:
+        plan = _HeaderPlan(
+            plain_keys=tuple(k for _, k in plain),
+            plain_values=_picker([i for i, _ in plain]),
+            trusted_keys=tuple(k for _, k in trusted),
+            trusted_values=_picker([i for i, _ in trusted]),
+        )
+    if len(_plans) >= MAX_CACHED_PLANS:
+        _plans.clear()
+    _plans[names] = plan
+    return plan
+
+
+def _texts(values: tuple[bytes, ...]) -> list[str]:
+    """The UTF-8 text of each value (raises ``UnicodeDecodeError``): joined, decoded and split again,
+    three C-level calls. Field values never hold LF (llhttp refuses it), so the split gives them back;
+    and UTF-8 is self-synchronizing, so the join decodes iff every value does."""
+    if not values:
+        return []
+    texts = b"\n".join(values).decode("utf-8").split("\n")
+    if len(texts) != len(values):  # not reachable behind llhttp; decode one by one rather than guess
+        texts = [value.decode("utf-8") for value in values]
+    return texts
+
+
+def _decode_one_by_one(raw: Sequence[bytes]) -> tuple[dict[str, str], dict[str, str]]:
+    """Plain and ``x-authz-*`` headers of a flat ``[name, value, ...]`` list, field by field (the path for
+    repeated names, and the reference the planned path must equal). Raises ``UnicodeDecodeError``."""
+    headers: dict[str, str] = {}
+    trusted: dict[str, str] = {}
+    for position in range(0, len(raw), 2):
+        key = raw[position].decode("ascii").lower()  # llhttp admits only token characters in names
+        if key in _HOP_HEADERS:
+            continue
+        text = raw[position + 1].decode("utf-8")
+        target = trusted if key in _TRUSTED_SET else headers
+        prev = target.get(key)
+        target[key] = text if prev is None else f"{prev},{text}"
+    return headers, trusted
+
+
+def request_from_fields(
+    method: str,
+    raw_path: str,
+    raw: Sequence[bytes],
+    *,
+    peer: tuple[str, int],
+    settings: HttpCheckSettings,
+    planned: bool = True,
+) -> Request:
+    """:func:`build_request` from the raw header fields of one message, a flat ``[name, value, ...]`` list
+    as llhttp split them. Raises :class:`MalformedRequest` (too many or too large headers, non-UTF-8
+    values). ``planned=False`` decodes field by field: same answer, the reference for tests."""
+    if len(raw) > 2 * MAX_HEADER_COUNT or len(b"".join(raw)) > MAX_HEADERS_BYTES:
+        raise MalformedRequest("request headers too large")
+    plan = _plan_for(tuple(raw[0::2])) if planned else None
+    try:
+        if plan is None:
+            headers, trusted = _decode_one_by_one(raw)
+            return build_request(method, raw_path, headers, peer=peer, settings=settings, trusted=trusted)
+        headers = dict(zip(plan.plain_keys, _texts(plan.plain_values(raw)), strict=False))
+        keys = plan.trusted_keys
+        values = plan.trusted_values(raw)
+        if settings.trust_envoy_headers and keys:
+            # Facts by the raw bytes of Envoy's headers (and the peer): a hit needs no decoding, and
+            # only values that decoded are ever stored.
+            key = (keys, values, peer)
+            facts = _raw_facts_cache.get(key)
+            if facts is None:
+                facts = _trusted_facts(dict(zip(keys, _texts(values), strict=False)), peer)
+                if len(_raw_facts_cache) >= MAX_CACHED_RAW_FACTS:
+                    _raw_facts_cache.clear()
+                _raw_facts_cache[key] = facts
+        else:
+            _texts(values)  # ignored, but a value that is not UTF-8 is still refused
+            facts = (Peer(address=peer[0], port=peer[1]), _NO_PEER, "", _NO_EXTENSIONS)
+    except UnicodeDecodeError:
+        raise MalformedRequest("header is not valid UTF-8") from None
+    return _assemble(method, raw_path, headers, facts, settings)
+
+
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden"}
 
 
@@ -197,23 +324,40 @@ def _header_line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("latin-1", "replace")
 
 
+# The head of an allow up to its decision id, by HeaderOps value: the engine shares one HeaderOps per
+# cached credential, so this is built once per identity. Held with its key object; dropped whole when full.
+MAX_CACHED_ALLOW_HEADS = 1024
+_allow_heads: dict[tuple[int, bool], tuple[HeaderOps, bytes]] = {}
+
+
+def _allow_head(ops: HeaderOps, keep_alive: bool) -> bytes:
+    entry = _allow_heads.get((id(ops), keep_alive))
+    if entry is not None and entry[0] is ops:
+        return entry[1]
+    parts = [b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n", b"" if keep_alive else b"connection: close\r\n"]
+    for k, v in ops.set:
+        parts.append(_header_line(k, v))
+    for k, v in ops.append:
+        parts.append(_header_line(k, v))
+    if ops.remove:
+        parts.append(_header_line("x-envoy-auth-headers-to-remove", ",".join(ops.remove)))
+    for k, v in ops.response:
+        parts.append(_header_line(k, v))
+    head = b"".join(parts)
+    if len(_allow_heads) >= MAX_CACHED_ALLOW_HEADS:
+        _allow_heads.clear()
+    _allow_heads[(id(ops), keep_alive)] = (ops, head)  # held: its id stays unique while cached
+    return head
+
+
 def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
     """The HTTP/1.1 response Envoy's HTTP ext_authz client reads for this decision."""
-    conn = b"" if keep_alive else b"connection: close\r\n"
     if decision.allowed:
-        parts = [b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n", conn]
-        ops = decision.headers
-        for k, v in ops.set:
-            parts.append(_header_line(k, v))
-        for k, v in ops.append:
-            parts.append(_header_line(k, v))
-        if ops.remove:
-            parts.append(_header_line("x-envoy-auth-headers-to-remove", ",".join(ops.remove)))
-        for k, v in ops.response:
-            parts.append(_header_line(k, v))
-        parts.append(_header_line("x-authz-decision-id", decision.decision_id))
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        return b"%sx-authz-decision-id: %s\r\n\r\n" % (
+            _allow_head(decision.headers, keep_alive),
+            decision.decision_id.encode("latin-1", "replace"),
+        )
+    conn = b"" if keep_alive else b"connection: close\r\n"
     body = denied_body(decision).encode("utf-8")
     status = decision.status if 400 <= decision.status < 500 else 403
     head = [
@@ -232,6 +376,8 @@ def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
 class HttpExtAuthzProtocol(asyncio.Protocol):
     """One connection from Envoy's HTTP ext_authz client. Requests are answered in order."""
 
+    _planned = True  # decode header fields through a plan per name sequence (False: one by one, for tests)
+
     # Slots: the parser callbacks read and write these on every header of every check.
     __slots__ = (
         "_bad_header",
@@ -240,21 +386,18 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_closing",
         "_draining",
         "_error",
-        "_header_bytes",
-        "_header_count",
-        "_headers",
         "_in_body",
         "_in_message",
         "_malformed",
         "_parser",
         "_peer",
         "_queue",
+        "_raw",
         "_received",
         "_registry",
         "_settings",
         "_stopping",
         "_transport",
-        "_trusted",
         "_url",
     )
 
@@ -277,11 +420,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer: tuple[str, int] = ("", 0)
         self._url = b""
-        self._headers: dict[str, str] = {}
-        self._trusted: dict[str, str] = {}
-        self._header_count = 0
-        self._header_bytes = 0
-        self._bad_header = False
+        self._raw: list[bytes] = []  # this message's header fields as llhttp split them: name, value, ...
         self._body_bytes = 0
         self._error: MalformedRequest | None = None
         self._queue: deque[tuple[Request | MalformedRequest, bool]] = deque()
@@ -348,11 +487,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._in_message = True
         self._in_body = False
         self._url = b""
-        self._headers = {}
-        self._trusted = {}
-        self._header_bytes = 0
-        self._header_count = 0
-        self._bad_header = False
+        self._raw = []
         self._body_bytes = 0
         self._error = None
 
@@ -362,29 +497,12 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._error = MalformedRequest(f"path longer than {MAX_PATH_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Decode each header as it arrives (one call per complete header from C): lower-case names,
-        UTF-8 values, duplicates joined with ``,``; the ``x-authz-*`` apart. Past a limit, count but
-        stop storing; the message is refused once complete."""
-        size = self._header_bytes + len(name) + len(value)
-        count = self._header_count + 1
-        self._header_bytes = size
-        self._header_count = count
-        if size > MAX_HEADERS_BYTES or count > MAX_HEADER_COUNT or self._bad_header:
-            return
-        try:
-            known = _NAMES.get(name)
-            if known is None:
-                known = _classify(name)
-            key, kind = known
-            if kind == _HOP:
-                return
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            self._bad_header = True
-            return
-        target = self._headers if kind == _PLAIN else self._trusted
-        prev = target.get(key)
-        target[key] = text if prev is None else f"{prev},{text}"
+        """Record the field as llhttp split it (one call per complete field, from C); decoding waits for
+        the whole message (:func:`request_from_fields`). Past the count limit, stop storing: the message
+        is refused once complete (what one message may hold is bounded in ``data_received``)."""
+        raw = self._raw
+        if len(raw) < _RAW_LIMIT:
+            raw += (name, value)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -405,17 +523,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             try:
                 method = self._parser.get_method().decode("ascii")
                 path = self._url.decode("utf-8")
-                if self._header_bytes > MAX_HEADERS_BYTES or self._header_count > MAX_HEADER_COUNT:
-                    raise MalformedRequest("request headers too large")
-                if self._bad_header:
-                    raise MalformedRequest("header is not valid UTF-8")
-                item = build_request(
-                    method,
-                    path,
-                    self._headers,
-                    peer=self._peer,
-                    settings=self._settings,
-                    trusted=self._trusted,
+                item = request_from_fields(
+                    method, path, self._raw, peer=self._peer, settings=self._settings, planned=self._planned
                 )
             except UnicodeDecodeError:
                 item = MalformedRequest("path is not valid UTF-8")
