@@ -73,6 +73,11 @@ Body = Literal["none", "length", "chunked", "close"]
 
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
+# Field names as they arrive -> lower-case text: clients and apps send the same few dozen names, so each is
+# decoded once. Bounded (a flood of distinct names costs at most this many entries, then no caching).
+MAX_CACHED_FIELD_NAMES = 4096
+_field_names: dict[bytes, str] = {}
+
 
 class CodecError(MalformedRequest):
     """A message we refuse to forward. ``status`` is the answer to send (400, 431, 501) before closing."""
@@ -140,6 +145,10 @@ class Event:
     error: CodecError | None = None
 
 
+END = Event("end")
+"""The end-of-message event: one shared value (events are never changed once queued)."""
+
+
 class _Parser:
     """Shared callback plumbing over an httptools parser: collects :class:`Event` into a deque.
 
@@ -179,21 +188,27 @@ class _Parser:
         self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._max_bytes:
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        if size > self._max_bytes:
             self._limit(f"header section larger than {self._max_bytes} bytes")
         if not self._in_head:
             return  # a chunked body's trailer section: not forwarded (Envoy's HTTP/1 default)
         headers = self._headers
         if len(headers) >= self._max_count:
             self._limit(f"more than {self._max_count} header fields")
-        headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        key = _field_names.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_field_names) < MAX_CACHED_FIELD_NAMES:
+                _field_names[name] = key
+        headers.append((key, value.decode("latin-1")))
 
     def on_body(self, body: bytes) -> None:
         self.events.append(Event("body", None, body))
 
     def on_message_complete(self) -> None:
-        self.events.append(Event("end"))
+        self.events.append(END)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _limit(self, message: str) -> None:
@@ -304,18 +319,17 @@ class RequestParser(_Parser):
         cl: list[str] = []
         expect: list[str] = []
         upgrade = False
-        for k, v in headers:
-            if k in _REQUEST_SPECIAL:
-                if k == "host":
-                    hosts.append(v)
-                elif k == "content-length":
-                    cl.append(v)
-                elif k == "transfer-encoding":
-                    te.append(v)
-                elif k == "expect":
-                    expect.append(v.strip().lower())
-                else:
-                    upgrade = True
+        for k, v in [field for field in headers if field[0] in _REQUEST_SPECIAL]:
+            if k == "host":
+                hosts.append(v)
+            elif k == "content-length":
+                cl.append(v)
+            elif k == "transfer-encoding":
+                te.append(v)
+            elif k == "expect":
+                expect.append(v.strip().lower())
+            else:
+                upgrade = True
         if method == "CONNECT" or upgrade:
             # No tunnel mode yet; Envoy also refuses upgrades it was not configured for.
             raise CodecError("protocol upgrade and CONNECT are not supported", status=501)

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from authz.proxy import http1
 from authz.proxy.http1 import (
     RequestHead,
     RequestParser,
@@ -135,3 +136,15 @@ def test_httptools_is_strict_by_default() -> None:
 
     with pytest.raises(httptools.HttpParserError):
         httptools.HttpRequestParser(Sink()).feed_data(b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n b\r\n\r\n")
+
+
+def test_field_names_are_lower_cased_past_the_name_cache_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are decoded once and kept (bounded): past the bound they are still lower-cased, not kept."""
+    monkeypatch.setattr(http1, "_field_names", {})
+    monkeypatch.setattr(http1, "MAX_CACHED_FIELD_NAMES", 3)
+    names = [f"X-Name-{i}" for i in range(6)]
+    raw = "".join(f"{n}: v{i}\r\n" for i, n in enumerate(names))
+    for _ in range(2):  # the second message reads the cached names
+        head = parse(f"GET / HTTP/1.1\r\nHost: h\r\n{raw}\r\n".encode())[0].head  # type: ignore[attr-defined]
+        assert head.headers == [("host", "h"), *[(n.lower(), f"v{i}") for i, n in enumerate(names)]]
+    assert len(http1._field_names) == 3
