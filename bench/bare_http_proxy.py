@@ -7,9 +7,16 @@ rewriting, timeouts or retries: what any Python proxy on this stack pays for par
 moving them across four socket operations. Requests with a body are not supported (the benchmark sends
 ``GET``); they are answered 501.
 
-Run as a script (no imports from ``bench`` or ``authz``)::
+With ``--policies DIR`` (row 4pe) each request is also decided in-process by the project's engine
+(``authz.runtime.AuthzRuntime``, the same one ``authz proxy`` runs) before it is forwarded: its headers are
+decoded into a dict, the check is driven to its end in the callback (a cached token never waits), and a
+deny is answered with its status instead of being forwarded. Nothing else of the bundled proxy is there
+(no path normalization beyond the engine's, no request id, XFCC, metrics or header changes): it measures
+what the engine adds to the floor, so row 4b's distance from it is the proxy's own data path.
 
-    python bench/bare_http_proxy.py --port 0 --upstream-port 8080
+Run as a script (no imports from ``bench``; ``authz`` only with ``--policies``)::
+
+    python bench/bare_http_proxy.py --port 0 --upstream-port 8080 [--policies DIR --namespace NS --labels k=v]
 
 It prints ``listening on 127.0.0.1:<port> (<loop>)`` once bound, then serves until SIGTERM/SIGINT.
 """
@@ -32,6 +39,7 @@ __all__ = ["BareProxyProtocol", "UpstreamPool", "build_parser", "loop_name", "ma
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 NOT_IMPLEMENTED = b"HTTP/1.1 501 Not Implemented\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n"
+FORBIDDEN = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n"
 # Hop-by-hop (RFC 9110 §7.6.1) and framing headers: never relayed as they came.
 _DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te", b"upgrade"})
 MAX_IDLE = 256  # idle upstream connections kept
@@ -134,21 +142,61 @@ class UpstreamPool:
         conn.send(request, reply_to)
 
 
+class EngineCheck:
+    """The in-process check of row 4pe: ``authz.runtime.AuthzRuntime`` over a policy folder (imported here
+    only, so the floor without ``--policies`` stays free of the project's code)."""
+
+    def __init__(self, policies: str, namespace: str, labels: dict[str, str]) -> None:
+        from pathlib import Path
+
+        from authz.request import HttpAttributes, Peer, Request, Workload
+        from authz.runtime import AuthzRuntime
+
+        self.runtime = AuthzRuntime([Path(policies)])
+        self.workload = Workload(namespace=namespace, labels=labels)
+        self._request = Request
+        self._http = HttpAttributes
+        self._peer = Peer
+
+    def deny(self, method: str, host: str, path: str, headers: dict[str, str], peer: Any) -> bytes | None:
+        """None to forward the request, else the response that denies it."""
+        request = self._request(
+            source=self._peer(address=peer[0], port=peer[1]),
+            http=self._http(method=method, host=host, path=path, headers=headers, validated=True),
+        )
+        checking = self.runtime.check(request, self.workload)
+        try:
+            checking.send(None)
+        except StopIteration as done:
+            decision = done.value
+        else:  # keys are being fetched: not a case this benchmark produces
+            checking.close()
+            return FORBIDDEN
+        if decision.allowed:
+            return None
+        return b"HTTP/1.1 %d Denied\r\ncontent-length: 0\r\n\r\n" % decision.status
+
+
 class BareProxyProtocol(asyncio.Protocol):
     """One downstream connection; requests are forwarded one at a time, in order."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, check: EngineCheck | None = None) -> None:
         self.pool = pool
+        self.check = check
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.peer: Any = ("", 0)
         self.url = b""
         self.head: list[bytes] = []
+        self.fields: dict[str, str] = {}
         self.has_body = False
-        self.queue: collections.deque[tuple[bytes, bool]] = collections.deque()
+        # (request to forward, or the local answer to give; the client keeps the connection)
+        self.queue: collections.deque[tuple[bytes, bytes | None, bool]] = collections.deque()
         self.busy = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername") or ("", 0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -169,6 +217,7 @@ class BareProxyProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.head = []
+        self.fields = {}
         self.has_body = False
 
     def on_url(self, url: bytes) -> None:
@@ -180,6 +229,11 @@ class BareProxyProtocol(asyncio.Protocol):
             self.has_body = self.has_body or value not in (b"0", b"")
         if lowered not in _DROP:
             self.head.append(b"%s: %s\r\n" % (name, value))
+        if self.check is not None:
+            key = lowered.decode("latin-1")
+            text = value.decode("latin-1")
+            prev = self.fields.get(key)
+            self.fields[key] = text if prev is None else f"{prev},{text}"
 
     def on_message_complete(self) -> None:
         if self.has_body:
@@ -190,36 +244,58 @@ class BareProxyProtocol(asyncio.Protocol):
         if len(self.queue) >= MAX_QUEUED:
             self._close_with(BAD_REQUEST)
             return
-        self.queue.append((request, self.parser.should_keep_alive()))
+        local = None
+        if self.check is not None:
+            fields = self.fields
+            local = self.check.deny(
+                method.decode("ascii"), fields.get("host", ""), self.url.decode("latin-1"), fields, self.peer
+            )
+        self.queue.append((request, local, self.parser.should_keep_alive()))
         if not self.busy:
             self._next()
 
     def _next(self) -> None:
-        if self.queue and self.transport is not None:
-            self.busy = True
-            self.pool.send(self.queue[0][0], self)
+        while self.queue and self.transport is not None and not self.busy:
+            request, local, _ = self.queue[0]
+            if local is None:
+                self.busy = True
+                self.pool.send(request, self)
+                return
+            self._deliver(local, keep_alive=True)  # a deny: answered here, in its turn
 
     def answer(self, response: bytes, *, keep_alive: bool) -> None:
         """The upstream's response (or our 502) for the request at the head of the queue."""
         self.busy = False
+        self._deliver(response, keep_alive=keep_alive)
+        self._next()
+
+    def _deliver(self, response: bytes, *, keep_alive: bool) -> None:
         if not self.queue:
             return
-        _, client_keeps = self.queue.popleft()
+        _, _, client_keeps = self.queue.popleft()
         if self.transport is None:
             return
         self.transport.write(response)
         if not (keep_alive and client_keeps):
             self.transport.close()
             self.transport = None
-            return
-        self._next()
 
 
-async def serve(host: str, port: int, upstream_host: str, upstream_port: int, *, loop_name: str) -> None:
+async def serve(
+    host: str,
+    port: int,
+    upstream_host: str,
+    upstream_port: int,
+    *,
+    loop_name: str,
+    check: EngineCheck | None = None,
+) -> None:
     """Bind, print the ready line, serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     pool = UpstreamPool(upstream_host, upstream_port)
-    server = await loop.create_server(lambda: BareProxyProtocol(pool), host, port, backlog=1024)
+    if check is not None:
+        await check.runtime.start(watch=False)
+    server = await loop.create_server(lambda: BareProxyProtocol(pool, check), host, port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     print(f"listening on {host}:{bound} ({loop_name})", flush=True)
     stop = asyncio.Event()
@@ -256,13 +332,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True, help="port to bind; 0 picks a free one")
     p.add_argument("--upstream-host", default="127.0.0.1", help="upstream address (127.0.0.1)")
     p.add_argument("--upstream-port", type=int, required=True, help="upstream port")
+    p.add_argument("--policies", help="decide each request with the project's engine over this policy folder")
+    p.add_argument("--namespace", default="default", help="the workload's namespace (with --policies)")
+    p.add_argument("--labels", default="", help="the workload's labels, k=v,k=v (with --policies)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check = None
+    if args.policies:
+        labels = dict(item.split("=", 1) for item in args.labels.split(",") if item)
+        check = EngineCheck(args.policies, args.namespace, labels)
+        from authz.eventloop import tune_gc_for_serving
+
+        tune_gc_for_serving()  # as `authz proxy` does once its startup objects exist
     try:
-        run_loop(serve(args.host, args.port, args.upstream_host, args.upstream_port, loop_name=loop_name()))
+        run_loop(
+            serve(
+                args.host,
+                args.port,
+                args.upstream_host,
+                args.upstream_port,
+                loop_name=loop_name(),
+                check=check,
+            )
+        )
     except OSError as exc:
         print(f"bare_http_proxy: {exc}", file=sys.stderr)
         return 1

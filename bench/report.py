@@ -17,6 +17,7 @@ __all__ = [
     "header_floor_ratios",
     "load_table",
     "micro_table",
+    "proxy_floor_ratios",
     "results_document",
 ]
 
@@ -65,6 +66,23 @@ def floor_ratios(results: Sequence[RowResult], *, reading_headers: bool = False)
 def header_floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
     """:func:`floor_ratios` against row 3ht (HTTP rows only: there is no header-reading gRPC floor)."""
     return floor_ratios(results, reading_headers=True)
+
+
+def proxy_floor_ratios(results: Sequence[RowResult]) -> list[FloorRatio]:
+    """For the bundled proxy's warm rows (4a, 4b): its CPU per request over the bare forwarding proxy's
+    with the same authorization (4p without, 4pe with the engine in-process), same run: what the proxy's
+    own data path costs beyond parsing, forwarding and deciding."""
+    floors = {r.spec.auth: r for r in results if r.status == "ok" and r.spec.kind == "bare_proxy"}
+    out: list[FloorRatio] = []
+    for r in results:
+        if r.status != "ok" or r.spec.kind != "proxy" or r.spec.cold or r.spec.auth not in floors:
+            continue
+        floor = floors[r.spec.auth]
+        proxy_us, floor_us = r.cpu_us("proxy"), floor.cpu_us("proxy")
+        if proxy_us is None or floor_us is None or floor_us <= 0:
+            continue
+        out.append(FloorRatio(r.spec.id, floor.spec.id, proxy_us, floor_us))
+    return out
 
 
 def floor_line(f: FloorRatio) -> str:
@@ -136,6 +154,11 @@ def load_table(results: Sequence[RowResult], *, duration_s: float, repeat: int, 
     for f in header_floor_ratios(results):
         notes.append(
             f"{f.row}: authz CPU per check vs the bare server that reads headers ({f.floor}): {f.ratio:.2f}x "
+            f"({fmt_us(f.authz_us)} us / {fmt_us(f.floor_us)} us)"
+        )
+    for f in proxy_floor_ratios(results):
+        notes.append(
+            f"{f.row}: proxy CPU per request vs the bare forwarding proxy ({f.floor}): {f.ratio:.2f}x "
             f"({fmt_us(f.authz_us)} us / {fmt_us(f.floor_us)} us)"
         )
     return render_table(headers, rows, right_align=range(2, len(headers) - 1), notes=notes)

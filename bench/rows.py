@@ -150,6 +150,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("2b", "Envoy jwt_authn + rbac, jwt_cache_size 100", "native", anchor="1", jwt_cache=True),
     *_ext_rows(),
     RowSpec("4p", "bare uvloop + httptools forwarding proxy (floor)", "bare_proxy", anchor="1", auth=False),
+    RowSpec("4pe", "bare forwarding proxy + the engine in-process, warm tokens", "bare_proxy", anchor="2b"),
     RowSpec("4a", "bundled proxy alone (no auth)", "proxy", anchor="1", auth=False),
     RowSpec("4b", "bundled proxy + in-process authz, warm tokens", "proxy", anchor="2b"),
     RowSpec("4c", "bundled proxy + in-process authz, cold tokens", "proxy", anchor="2b", cold=True),
@@ -362,9 +363,10 @@ def bare_server_command(
     return [*argv, "--read-headers"] if read_headers else argv
 
 
-def bare_proxy_command(upstream_port: int, port: int = 0) -> list[str]:
-    """argv of the bare forwarding proxy (``bench/bare_http_proxy.py``) on 127.0.0.1 to ``upstream_port``."""
-    return [
+def bare_proxy_command(upstream_port: int, port: int = 0, *, policies: Path | None = None) -> list[str]:
+    """argv of the bare forwarding proxy (``bench/bare_http_proxy.py``) on 127.0.0.1 to ``upstream_port``;
+    with ``policies``, the row 4pe variant (the engine decides each request, the bench workload)."""
+    argv = [
         sys.executable,
         str(BARE_PROXY_SCRIPT),
         "--host",
@@ -374,6 +376,10 @@ def bare_proxy_command(upstream_port: int, port: int = 0) -> list[str]:
         "--upstream-port",
         str(upstream_port),
     ]
+    if policies is None:
+        return argv
+    labels = ",".join(f"{k}={v}" for k, v in configs.BENCH_LABELS.items())
+    return [*argv, "--policies", str(policies), "--namespace", configs.BENCH_NAMESPACE, "--labels", labels]
 
 
 def _start_bare(
@@ -455,7 +461,8 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
         tracked["envoy"] = pid
         tracked[BARE_PROCESS] = bare_pid
     elif spec.kind == "bare_proxy":
-        proc = procs.start("bare-proxy", bare_proxy_command(ctx.upstream_port))
+        policies = ctx.policy_dir() if spec.auth else None
+        proc = procs.start("bare-proxy", bare_proxy_command(ctx.upstream_port, policies=policies))
         port = wait_listening(proc, timeout_s=BARE_STARTUP_S)
         tracked["proxy"] = proc.pid
     else:

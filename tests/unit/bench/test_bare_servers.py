@@ -3,6 +3,7 @@ socket, and the row that puts Envoy in front of them."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -286,4 +287,42 @@ def test_header_reading_floor_answers_200_and_survives_odd_headers(procs: Proces
             b"GET / HTTP/1.1\r\nhost: a\r\nx-bin: \xff\xfe\r\n\r\n"
         )  # not UTF-8: replaced, not fatal
         assert recv_exactly(sock, len(ALLOW)) == ALLOW
+    assert proc.alive()
+
+
+def test_bare_proxy_with_the_engine_forwards_allowed_and_answers_denied_in_order(
+    procs: ProcessSet, tmp_path: Path
+) -> None:
+    """Row 4pe: the engine decides each request before it is forwarded; a deny is answered in its turn."""
+    import json
+    import time
+
+    from bench.rows import bare_proxy_command
+    from bench.tokens import bench_claims, mint_token
+    from tests.integration.envoy_harness import echo_upstream
+
+    key = mint_key("ES256")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "bench.yaml").write_text(configs.bench_policy_yaml(public_jwks(key)), encoding="utf-8")
+    token = mint_token(key, bench_claims(time.time())).encode()
+    allowed = b"GET %s HTTP/1.1\r\nhost: svc\r\nauthorization: Bearer %s\r\n\r\n" % (
+        configs.BENCH_PATH.encode(),
+        token,
+    )
+    anonymous = b"GET %s HTTP/1.1\r\nhost: svc\r\n\r\n" % configs.BENCH_PATH.encode()
+    with echo_upstream() as upstream:
+        proc = procs.start("bare-proxy", bare_proxy_command(upstream.server_address[1], policies=policies))
+        port = wait_listening(proc, timeout_s=STARTUP_S)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(allowed)
+            head, body = _read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["path"] == configs.BENCH_PATH
+            sock.sendall(anonymous + allowed + anonymous)  # pipelined: answers keep the order
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"\r\n\r\n"):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert re.findall(rb"HTTP/1\.1 (\d{3}) ", data) == [b"403", b"200", b"403"]
     assert proc.alive()

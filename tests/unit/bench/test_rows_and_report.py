@@ -248,3 +248,24 @@ def test_the_header_reading_floor_is_a_second_http_reference_not_the_floor() -> 
         "3hw1: authz CPU per check vs the bare server that reads headers (3ht): 2.00x (110 us / 55 us)"
         in text
     )
+
+
+def test_proxy_rows_are_set_against_the_bare_proxy_with_the_same_authorization() -> None:
+    """4a against 4p (no auth), 4b against 4pe (the engine in-process); cold 4c and failed floors get none."""
+    from bench.report import proxy_floor_ratios
+
+    results = [
+        RowResult(SPEC["4p"], "ok", runs=[run(9000, cpu={"proxy": 20.0})]),
+        RowResult(SPEC["4pe"], "ok", runs=[run(8000, cpu={"proxy": 25.0})]),
+        RowResult(SPEC["4a"], "ok", runs=[run(6000, cpu={"proxy": 30.0})]),
+        RowResult(SPEC["4b"], "ok", runs=[run(5000, cpu={"proxy": 50.0})]),
+        RowResult(SPEC["4c"], "ok", runs=[run(900, cpu={"proxy": 150.0})]),
+    ]
+    assert [(f.row, f.floor, f.ratio) for f in proxy_floor_ratios(results)] == [
+        ("4a", "4p", 1.5),
+        ("4b", "4pe", 2.0),
+    ]
+    text = load_table(results, duration_s=5, repeat=1, connections=32)
+    assert "4b: proxy CPU per request vs the bare forwarding proxy (4pe): 2.00x (50 us / 25 us)" in text
+    failed_floor = [RowResult(SPEC["4pe"], "failed", "down"), *results[2:]]
+    assert [f.row for f in proxy_floor_ratios(failed_floor)] == []  # 4p absent, 4pe failed
