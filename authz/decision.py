@@ -9,32 +9,43 @@ from typing import Any, TypeVar
 
 from authz.request import EMPTY_MAP
 
-__all__ = ["Decision", "HeaderOps", "Reason", "ShadowResult", "TraceEntry", "value_builder"]
+__all__ = [
+    "Decision",
+    "HeaderOps",
+    "Reason",
+    "ShadowResult",
+    "TraceEntry",
+    "value_builder",
+    "with_decision_id",
+]
 
 T = TypeVar("T")
 _UNSET: Any = object()
+_SET = object.__setattr__  # what a frozen dataclass's own __init__ uses to store a field
+_NEW = object.__new__
 
 
 def value_builder(cls: type[T]) -> Callable[..., T]:
-    """A keyword-only constructor for the frozen, slotted dataclass ``cls``, for the few values built
-    on every check (the request, the decision).
+    """A keyword-only constructor for the frozen dataclass ``cls``, for the few values built on every
+    check (the request, the decision).
 
     A frozen dataclass's ``__init__`` stores each field through ``object.__setattr__``, a generic
-    attribute look-up per field; this one calls each slot's descriptor directly, which halves the cost.
-    It builds the same value: same fields, same defaults (factories called per value), no
-    ``__post_init__`` (a class with one is refused, as is a class that is not frozen and slotted).
+    attribute look-up per field; this one calls each slot's descriptor directly (a slotted class), which
+    halves the cost, or sets the instance dict in one call (a class without slots). It builds the same
+    value: same fields, same defaults (factories called per value), no ``__post_init__`` (a class with
+    one is refused, as is a class that is not frozen).
     """
     if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"{cls.__name__} is not a frozen dataclass")
-    if "__slots__" not in cls.__dict__ or hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} needs slots and no __post_init__")
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_UNSET": _UNSET}
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has a __post_init__")
+    slotted = "__slots__" in cls.__dict__
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_UNSET": _UNSET, "_set": _SET}
     params: list[str] = []
     body: list[str] = []
     for f in dataclasses.fields(cls):
         if not f.init:
             raise TypeError(f"{cls.__name__}.{f.name} is not an __init__ field")
-        namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
         if f.default is not dataclasses.MISSING:
             namespace[f"_default_{f.name}"] = f.default
             params.append(f"{f.name}=_default_{f.name}")
@@ -44,7 +55,12 @@ def value_builder(cls: type[T]) -> Callable[..., T]:
             body.append(f"    if {f.name} is _UNSET:\n        {f.name} = _factory_{f.name}()")
         else:
             params.append(f.name)
-        body.append(f"    _set_{f.name}(value, {f.name})")
+        if slotted:
+            namespace[f"_set_{f.name}"] = getattr(cls, f.name).__set__
+            body.append(f"    _set_{f.name}(value, {f.name})")
+    if not slotted:
+        items = ", ".join(f"{f.name!r}: {f.name}" for f in dataclasses.fields(cls))
+        body.append(f"    _set(value, '__dict__', {{{items}}})")
     source = (
         f"def build(*, {', '.join(params)}):\n    value = _new(_cls)\n"
         + "\n".join(body)
@@ -111,9 +127,14 @@ class HeaderOps:
     response: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Decision:
-    """The engine's answer. ``status`` is 200 for allow, 401/403 (or 400 for a malformed request) for deny."""
+    """The engine's answer. ``status`` is 200 for allow, 401/403 (or 400 for a malformed request) for deny.
+
+    Not slotted, unlike the other values: every check's decision differs from an earlier one with the same
+    outcome only by its ``decision_id``, and an instance dict lets :func:`with_decision_id` copy one in a
+    single call instead of setting seventeen slots.
+    """
 
     allowed: bool
     status: int
@@ -131,3 +152,13 @@ class Decision:
     shadow: ShadowResult | None = None
     decision_id: str = ""
     normalized_path: str = ""
+
+
+def with_decision_id(decision: Decision, decision_id: str) -> Decision:
+    """``dataclasses.replace(decision, decision_id=decision_id)``, for the engine's per-check copy of an
+    outcome it decided before: one dict copy instead of seventeen fields stored one by one."""
+    fields = decision.__dict__.copy()
+    fields["decision_id"] = decision_id
+    value: Decision = _NEW(Decision)
+    _SET(value, "__dict__", fields)
+    return value

@@ -3,6 +3,11 @@
 One engine serves every front (gRPC and HTTP ext_authz servers, the bundled proxy in-process). The
 fronts only translate. The engine holds the policy :class:`~authz.snapshot.Snapshot` in force and swaps
 it atomically on reload; each check reads the snapshot once, so a check never mixes two policy sets.
+
+A check waits only when a token must be verified first (keys or an introspection to fetch). ``check_now``
+is the same check for callers that can answer synchronously: it returns ``None`` where ``check`` would
+wait, and the caller then awaits ``check``. Both run the same steps (``_prepare``, authentication,
+``_conclude``, ``_account``); only the authentication call differs.
 """
 
 from __future__ import annotations
@@ -21,10 +26,17 @@ from authz.authn.jwt import VerifiedToken
 from authz.authn.settings import CertificateBinding
 from authz.clock import Clock, system_clock
 from authz.config import MeshConfig
-from authz.decision import Decision, HeaderOps, Reason, TraceEntry, value_builder
+from authz.decision import Decision, HeaderOps, Reason, TraceEntry, value_builder, with_decision_id
 from authz.decision_log import DecisionLog, decision_record
 from authz.errors import AuthzError, CredentialError, MalformedRequest
-from authz.identity import PeerTrust, check_certificate_binding, check_spiffe_binding, resolve_peer_identity
+from authz.identity import (
+    PeerIdentity,
+    PeerTrust,
+    check_certificate_binding,
+    check_spiffe_binding,
+    resolve_peer_identity,
+)
+from authz.loop_metrics import CounterChild
 from authz.metrics import CHECK_LATENCY, CHECKS, INTERNAL_ERRORS
 from authz.policy import PolicyResult, check_http_request, evaluate, normalize_path
 from authz.request import EMPTY_MAP, Request, RequestAuth, Workload
@@ -52,10 +64,22 @@ MAX_CACHED_WORKLOADS = 1024
 # same location, so this follows its token cache. Dropped whole when full.
 MAX_CACHED_IDENTITIES = 10_000
 
+# Decisions kept as templates, by policy result (with the authentication result, peer principal and path
+# they were built for): the policy results are memoized per plan, path and token identity, so this
+# follows that memo. Dropped whole when full.
+MAX_CACHED_DECISIONS = 4096
+
 # Claims copied into the allow decision (dynamic metadata, identity headers): the identity, not the payload.
 IDENTITY_CLAIMS = ("iss", "sub", "aud", "azp", "client_id", "scope", "exp")
 
 _NO_HEADERS = HeaderOps()
+_observe_latency = CHECK_LATENCY.unlabelled().observe
+# What the steps before authentication give a check: the request as the policies see it, the peer
+# identity, the normalized path and the workload's jwtRules.
+_Prepared = tuple[Request, PeerIdentity, str, tuple[JwtRule, ...]]
+# A decision kept as a template: the policy result, authentication result, peer principal and path it was
+# built for, whether the tokens are sender-constrained (bindings to check per check), the decision.
+_DecisionEntry = tuple[PolicyResult, AuthnResult, str, str, bool, Decision]
 _build_decision = value_builder(Decision)  # Decision(...) at half the cost: one per check
 
 
@@ -99,12 +123,15 @@ class Engine:
         self.decision_log = decision_log
         self.fail_open = fail_open
         self._ids = itertools.count(1)
-        self._check_counters: dict[tuple[bool, str], Any] = {}
+        self._allow_counters: dict[str, CounterChild] = {}  # CHECKS series by reason
+        self._deny_counters: dict[str, CounterChild] = {}
         self._paths: dict[str, str] = {}  # raw :path -> normalized (a pure function of the path)
         self._workloads: dict[tuple[str, str | None, str], tuple[Workload, Workload]] = {}
         self._identities: dict[int, tuple[AuthnResult, str, Mapping[str, Any], bool]] = {}
         self._rules: dict[int, tuple[Workload, Snapshot, tuple[JwtRule, ...]]] = {}
+        self._decisions: dict[int, _DecisionEntry] = {}
         self._id_prefix = os.urandom(4).hex()
+        self._id_head = f"{self._id_prefix}-"
 
     @property
     def snapshot(self) -> Snapshot:
@@ -115,7 +142,7 @@ class Engine:
         self._snapshot = snapshot
 
     def _next_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids):x}"
+        return f"{self._id_head}{next(self._ids):x}"
 
     def _workload(self, request: Request) -> Workload:
         """:func:`resolve_workload` for ``request``, memoized: the same inputs give the same value."""
@@ -133,31 +160,67 @@ class Engine:
         return workload
 
     async def check(self, request: Request, workload: Workload | None = None) -> Decision:
+        """Decide ``request`` for ``workload`` (by default the one its context extensions name). Waits only
+        when a token must be verified first (keys or an introspection to fetch); see :meth:`check_now`."""
         started = time.perf_counter()
         snapshot = self._snapshot
         if workload is None:
             workload = self._workload(request)
-        decision_id = f"{self._id_prefix}-{next(self._ids):x}"
         try:
-            decision = await self._decide(snapshot, request, workload, decision_id)
-        except MalformedRequest as exc:
-            decision = self.malformed(exc, decision_id)
-        except AuthzError as exc:
-            decision = self._error_decision(exc.reason, str(exc), decision_id)
-        except Exception as exc:  # fail closed on bugs: count, log, deny
-            log.exception("internal error deciding a check")
-            INTERNAL_ERRORS.labels(front="engine").inc()
-            decision = self._error_decision(
-                Reason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", decision_id
-            )
+            prepared = self._prepare(snapshot, request, workload)
+            authn = await self.authenticator.authenticate(prepared[0], prepared[3])
+            decision = self._conclude(snapshot, workload, prepared, authn)
+        except Exception as exc:  # every failure is a deny (_failure logs bugs)
+            decision = self._failure(exc)
+        return self._account(decision, request, workload, started)
+
+    def check_now(self, request: Request, workload: Workload | None = None) -> Decision | None:
+        """:meth:`check` when it can answer without waiting, else ``None``: then await :meth:`check`.
+
+        ``None`` exactly when authentication must wait, i.e. a token the request carries has no cached
+        verification whose key is still trusted (:meth:`Authenticator.authenticate_now`); nothing is
+        counted or logged for it. Otherwise the same decision :meth:`check` makes, by the same code:
+        every check still resolves the peer, validates the request, checks token expiry and key trust,
+        and evaluates the policy set in force."""
+        started = time.perf_counter()
+        snapshot = self._snapshot
+        if workload is None:
+            workload = self._workload(request)
+        try:
+            prepared = self._prepare(snapshot, request, workload)
+            authn = self.authenticator.authenticate_now(prepared[0], prepared[3])
+            if authn is None:
+                return None
+            decision = self._conclude(snapshot, workload, prepared, authn)
+        except Exception as exc:  # every failure is a deny (_failure logs bugs)
+            decision = self._failure(exc)
+        return self._account(decision, request, workload, started)
+
+    def _failure(self, exc: Exception) -> Decision:
+        """The decision for a check that raised ``exc``: 400 for a malformed request, the error's reason
+        for our own errors, and for anything else (a bug) an internal error, counted and logged: fail
+        closed (or open with ``fail_open``). Called from the ``except`` block, so the log has the trace."""
+        if isinstance(exc, MalformedRequest):
+            return self.malformed(exc)
+        if isinstance(exc, AuthzError):
+            return self._error_decision(exc.reason, str(exc), self._next_id())
+        log.exception("internal error deciding a check")
+        INTERNAL_ERRORS.labels(front="engine").inc()
+        return self._error_decision(
+            Reason.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", self._next_id()
+        )
+
+    def _account(self, decision: Decision, request: Request, workload: Workload, started: float) -> Decision:
+        """Count ``decision``, observe its latency, log it (when a decision log is configured)."""
         elapsed = time.perf_counter() - started
-        counter = self._check_counters.get((decision.allowed, decision.reason))
+        counters = self._allow_counters if decision.allowed else self._deny_counters
+        counter = counters.get(decision.reason)
         if counter is None:
             counter = CHECKS.labels(decision="allow" if decision.allowed else "deny", reason=decision.reason)
-            if len(self._check_counters) < MAX_COUNTER_CHILDREN:
-                self._check_counters[(decision.allowed, decision.reason)] = counter
+            if len(counters) < MAX_COUNTER_CHILDREN:
+                counters[decision.reason] = counter
         counter.inc()
-        CHECK_LATENCY.observe(elapsed)
+        _observe_latency(elapsed)
         if self.decision_log is not None:
             self.decision_log.record(
                 decision_record(decision, request, workload, now=self._clock(), latency_s=elapsed)
@@ -185,20 +248,21 @@ class Engine:
             )
         return Decision(allowed=False, status=403, reason=reason, message=message, decision_id=decision_id)
 
-    async def _decide(
-        self, snapshot: Snapshot, request: Request, workload: Workload, decision_id: str
-    ) -> Decision:
+    def _prepare(self, snapshot: Snapshot, request: Request, workload: Workload) -> _Prepared:
+        """Steps 1-2 of a check and the jwtRules step 3 needs: the request as the policies see it (the
+        verified peer principal, remote.ip), the peer identity, the normalized path, the rules."""
         now = self._clock()
         # 1. Peer identity: only verified sources become source.principal (authz.identity.peer).
         peer = resolve_peer_identity(request, trust=self.peer_trust, now=now)
-        changes: dict[str, Any] = {}
-        if peer.principal != request.source.principal:
-            changes["source"] = replace(request.source, principal=peer.principal)
-        if self.mesh.num_trusted_proxies > 0 and not request.remote_ip:
-            # remote.ip from X-Forwarded-For; with no trusted proxies it is the peer address, which the
-            # matchers already fall back to, so the request need not be copied for it.
-            changes["remote_ip"] = remote_ip(request, self.mesh.num_trusted_proxies)
-        if changes:
+        trusted_proxies = self.mesh.num_trusted_proxies
+        if peer.principal != request.source.principal or (trusted_proxies > 0 and not request.remote_ip):
+            changes: dict[str, Any] = {}
+            if peer.principal != request.source.principal:
+                changes["source"] = replace(request.source, principal=peer.principal)
+            if trusted_proxies > 0 and not request.remote_ip:
+                # remote.ip from X-Forwarded-For; with no trusted proxies it is the peer address, which the
+                # matchers already fall back to, so the request need not be copied for it.
+                changes["remote_ip"] = remote_ip(request, trusted_proxies)
             request = replace(request, **changes)
         # 2. Path: normalized once, as the mesh's HCM would (idempotent when Envoy already did it).
         path = ""
@@ -211,24 +275,52 @@ class Engine:
                 if len(self._paths) >= MAX_CACHED_PATHS:
                     self._paths.clear()
                 self._paths[raw_path] = path
+        # 3's rules: snapshot.jwt_rules_for(workload), memoized per workload value (see _workload).
+        entry = self._rules.get(id(workload))
+        if entry is None or entry[0] is not workload or entry[1] is not snapshot:
+            entry = self._remember_rules(snapshot, workload)
+        return request, peer, path, entry[2]
+
+    def _conclude(
+        self, snapshot: Snapshot, workload: Workload, prepared: _Prepared, authn: AuthnResult
+    ) -> Decision:
+        """Steps 3 (its outcome ``authn``) and 4 of a check: credentials, bindings, policies, decision."""
+        request, peer, path, _ = prepared
         # 3. Credentials: RequestAuthentication semantics (authz.authn).
-        rules = self._jwt_rules(snapshot, workload)
-        authn: AuthnResult = await self.authenticator.authenticate(request, rules)
         if authn.error is not None:
-            return _credential_decision(authn.error, peer.principal, path, decision_id)
-        auth = authn.auth
-        request_principal, claims = "", EMPTY_MAP
-        if auth is not None:
-            request_principal, claims, bound = self._identity(authn, auth)
+            return _credential_decision(authn.error, peer.principal, path, self._next_id())
+        # 4. Policies: AUDIT -> DENY -> ALLOW (authz.policy). Pure: evaluated before the token bindings are
+        # checked below, whose failure decides the check whatever the policies say.
+        result: PolicyResult = evaluate(snapshot.policies, request, workload, authn.auth, path=path)
+        # The decision is a pure function of the policy result, the authentication result (its headers
+        # and identity), the peer principal and the path: the evaluator and the authenticator share one
+        # result object per outcome, so the decision is built once per combination and copied with
+        # this check's id. Kept by the policy result (held by the entry so that its id stays unique), one
+        # entry each: a policy result is memoized per path and token identity, so its entry rarely changes.
+        entry = self._decisions.get(id(result))
+        if (
+            entry is None
+            or entry[0] is not result
+            or entry[1] is not authn
+            or entry[2] != peer.principal
+            or entry[3] != path
+        ):
+            entry = self._remember_decision(result, authn, peer.principal, path)
+        if entry[4]:  # sender-constrained tokens: checked on every check, against this check's peer
             try:
-                if bound:
-                    _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
+                _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
             except CredentialError as exc:
-                return _credential_decision(exc, peer.principal, path, decision_id)
-        # 4. Policies: AUDIT -> DENY -> ALLOW (authz.policy).
-        result: PolicyResult = evaluate(snapshot.policies, request, workload, auth, path=path)
-        return _build_decision(
-            decision_id=decision_id,
+                return _credential_decision(exc, peer.principal, path, self._next_id())
+        return with_decision_id(entry[5], self._next_id())
+
+    def _remember_decision(
+        self, result: PolicyResult, authn: AuthnResult, principal: str, path: str
+    ) -> _DecisionEntry:
+        """Build the decision for these results (its id left empty) and keep it (see :meth:`_conclude`)."""
+        request_principal, claims, bound = "", EMPTY_MAP, False
+        if authn.auth is not None:
+            request_principal, claims, bound = self._identity(authn, authn.auth)
+        decision = _build_decision(
             allowed=result.allowed,
             status=200 if result.allowed else 403,
             reason=result.reason,
@@ -236,7 +328,7 @@ class Engine:
             policy_id=result.policy_id,
             trace=result.trace,
             headers=authn.headers if result.allowed else _NO_HEADERS,
-            principal=peer.principal,
+            principal=principal,
             request_principal=request_principal,
             claims=claims,
             audit=result.audit,
@@ -244,6 +336,10 @@ class Engine:
             shadow=result.shadow,
             normalized_path=path,
         )
+        if len(self._decisions) >= MAX_CACHED_DECISIONS:
+            self._decisions.clear()
+        entry = self._decisions[id(result)] = (result, authn, principal, path, bound, decision)
+        return entry
 
     def _identity(self, authn: AuthnResult, auth: RequestAuth) -> tuple[str, Mapping[str, Any], bool]:
         """The request principal and identity claims of ``auth`` (a read-only mapping shared by every
@@ -259,16 +355,14 @@ class Engine:
         self._identities[id(authn)] = (authn, principal, claims, bound)  # held: its id stays unique
         return principal, claims, bound
 
-    def _jwt_rules(self, snapshot: Snapshot, workload: Workload) -> tuple[JwtRule, ...]:
-        """``snapshot.jwt_rules_for(workload)``, memoized per workload value (see :meth:`_workload`)."""
-        entry = self._rules.get(id(workload))
-        if entry is not None and entry[0] is workload and entry[1] is snapshot:
-            return entry[2]
-        rules = snapshot.jwt_rules_for(workload)
+    def _remember_rules(
+        self, snapshot: Snapshot, workload: Workload
+    ) -> tuple[Workload, Snapshot, tuple[JwtRule, ...]]:
+        """``snapshot.jwt_rules_for(workload)``, kept by the workload value (see :meth:`_prepare`)."""
         if len(self._rules) >= MAX_CACHED_WORKLOADS:
             self._rules.clear()
-        self._rules[id(workload)] = (workload, snapshot, rules)
-        return rules
+        entry = self._rules[id(workload)] = (workload, snapshot, snapshot.jwt_rules_for(workload))
+        return entry
 
 
 def _is_bound(token: VerifiedToken) -> bool:

@@ -116,9 +116,14 @@ class Counter(_Family):
         return child
 
     def inc(self, amount: float = 1.0) -> None:
+        self.unlabelled().inc(amount)
+
+    def unlabelled(self) -> CounterChild:
+        """The one series of a counter without labels, for a caller that updates it on every request
+        (``counter.unlabelled().inc`` bound once skips this look-up on each update)."""
         if self.labelnames:
             raise ValueError(f"{self.name} has labels: call labels(...) first")
-        self._children[()].inc(amount)
+        return self._children[()]
 
     def _families(self, *, include_samples: bool) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -158,9 +163,14 @@ class Histogram(_Family):
         return child
 
     def observe(self, value: float) -> None:
+        self.unlabelled().observe(value)
+
+    def unlabelled(self) -> HistogramChild:
+        """The one series of a histogram without labels, for a caller that updates it on every request
+        (``histogram.unlabelled().observe`` bound once skips this look-up on each update)."""
         if self.labelnames:
             raise ValueError(f"{self.name} has labels: call labels(...) first")
-        self._children[()].observe(value)
+        return self._children[()]
 
     def _families(self, *, include_samples: bool) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

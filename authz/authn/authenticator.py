@@ -70,6 +70,16 @@ _BYPASS = AuthnResult(bypassed=True)
 
 
 @dataclass(frozen=True, slots=True)
+class _Pending:
+    """What :meth:`Authenticator._authenticate_cached` leaves to wait for: the tokens ``found`` (in
+    order) and the ``verified`` prefix of them, cached verifications still trusted."""
+
+    found: Sequence[ExtractedToken]
+    extractor: TokenExtractor
+    verified: list[tuple[VerifiedToken, ExtractedToken]]
+
+
+@dataclass(frozen=True, slots=True)
 class _Locations:
     """The token locations of one set of rules (a workload's), and the results built for them:
     ``no_token`` when none carries a token, ``results`` for one verified token at one location
@@ -121,6 +131,9 @@ class Authenticator:
         self._source_by_rule: dict[str, KeySource] = {}
         self._introspectors: dict[str, Introspector] = {}
         self._extractors: dict[tuple[JwtRule, ...], _Locations] = {}
+        # The same, by the rules tuple's id (held by the entry): callers pass one tuple per workload
+        # (the engine's memo), and hashing the rules costs more than the rest of a cached check's look-ups.
+        self._extractors_by_id: dict[int, tuple[tuple[JwtRule, ...], _Locations]] = {}
         self._cache: TtlLru[VerifiedToken] = TtlLru(token_cache_size)
         self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -165,6 +178,7 @@ class Authenticator:
         self.settings = settings
         self._cache.clear()
         self._extractors.clear()  # and with them the results they memoize
+        self._extractors_by_id.clear()
         self._introspectors.clear()
         # Key sources whose fetch settings changed are rebuilt on next use; their keys are refetched.
         stale = [
@@ -186,8 +200,23 @@ class Authenticator:
 
     # -- the hot path ----------------------------------------------------------------------------
 
+    def authenticate_now(self, request: Request, rules: Sequence[JwtRule]) -> AuthnResult | None:
+        """:meth:`authenticate` without waiting: its answer when every token ``request`` carries has a
+        verification cached whose key is still trusted (or there is no token), ``None`` when one must be
+        verified first (a signature to check, keys or an introspection to fetch): then await
+        :meth:`authenticate`. Same code, same answer; only the waiting part is left out."""
+        outcome = self._authenticate_cached(request, rules)
+        return None if isinstance(outcome, _Pending) else outcome
+
     async def authenticate(self, request: Request, rules: Sequence[JwtRule]) -> AuthnResult:
         """Authenticate ``request`` against the merged jwtRules of its workload (spec §3.3)."""
+        outcome = self._authenticate_cached(request, rules)
+        if isinstance(outcome, _Pending):
+            return await self._authenticate_pending(outcome)
+        return outcome
+
+    def _authenticate_cached(self, request: Request, rules: Sequence[JwtRule]) -> AuthnResult | _Pending:
+        """Everything :meth:`authenticate` decides without waiting; a :class:`_Pending` for the rest."""
         http = request.http
         if not rules or http is None:
             return _PASS
@@ -210,32 +239,49 @@ class Authenticator:
         found = extractor.extract(http)
         if not found:
             return locations.no_token
-        if len(found) == 1:
-            # One token, already verified: its result is a value of (verified token, location), built
-            # once per pair and shared.
-            extracted = found[0]
-            entry = self._cached_entry(extracted.token, extractor.rules_for(extracted.rules))
-            if entry is not None:
-                vt, deadline = entry
-                key = (vt, id(extracted.location))  # locations are the extractor's own objects
-                results = locations.results
-                result = results.get(key)
-                if result is None:
-                    result = self._result(((vt, extracted),), extractor)
-                    if len(results) >= self._cache.max_entries:
-                        results.clear()
-                    results[key] = result
-                if header is not None and extracted.location.kind == "header":
-                    by_value = locations.by_header_value
-                    if len(by_value) >= self._cache.max_entries:
-                        by_value.clear()
-                    by_value[http.headers[header]] = (vt, deadline, result)
-                return result
         verified: list[tuple[VerifiedToken, ExtractedToken]] = []
+        deadline = 0.0
         for extracted in found:
+            entry = self._cached_entry(extracted.token, extractor.rules_for(extracted.rules))
+            if entry is None:
+                return _Pending(found, extractor, verified)
+            verified.append((entry[0], extracted))
+            deadline = entry[1]
+        if len(verified) > 1:
+            return self._result(verified, extractor)
+        # One token, already verified: its result is a value of (verified token, location), built once
+        # per pair and shared.
+        vt, extracted = verified[0]
+        key = (vt, id(extracted.location))  # locations are the extractor's own objects
+        results = locations.results
+        result = results.get(key)
+        if result is None:
+            result = self._result(verified, extractor)
+            if len(results) >= self._cache.max_entries:
+                results.clear()
+            results[key] = result
+        if header is not None and extracted.location.kind == "header":
+            by_value = locations.by_header_value
+            if len(by_value) >= self._cache.max_entries:
+                by_value.clear()
+            by_value[http.headers[header]] = (vt, deadline, result)
+        return result
+
+    async def _authenticate_pending(self, pending: _Pending) -> AuthnResult:
+        """Verify, in order, the tokens from the first one :meth:`_authenticate_cached` found no trusted
+        cached verification for (the ones before it were verified from the cache)."""
+        extractor = pending.extractor
+        verified = pending.verified
+        first_missed = len(verified)
+        for position in range(first_missed, len(pending.found)):
+            extracted = pending.found[position]
             candidates = extractor.rules_for(extracted.rules)
             try:
-                verified_token = self._cached(extracted.token, candidates)
+                # The first was just looked up, with no wait since; later ones may have been cached while
+                # an earlier one was being verified.
+                verified_token = (
+                    None if position == first_missed else self._cached(extracted.token, candidates)
+                )
                 if verified_token is None:
                     verified_token = await self._verify_slow(extracted.token, candidates)
             except CredentialError as exc:
@@ -244,7 +290,18 @@ class Authenticator:
         return self._result(verified, extractor)
 
     def _locations(self, rules: Sequence[JwtRule]) -> _Locations:
-        key = rules if isinstance(rules, tuple) else tuple(rules)
+        if isinstance(rules, tuple):
+            entry = self._extractors_by_id.get(id(rules))
+            if entry is not None and entry[0] is rules:
+                return entry[1]
+            found = self._locations_of(rules)
+            if len(self._extractors_by_id) >= MAX_EXTRACTORS:
+                self._extractors_by_id.clear()
+            self._extractors_by_id[id(rules)] = (rules, found)
+            return found
+        return self._locations_of(tuple(rules))
+
+    def _locations_of(self, key: tuple[JwtRule, ...]) -> _Locations:
         found = self._extractors.get(key)
         if found is None:
             if len(self._extractors) >= MAX_EXTRACTORS:

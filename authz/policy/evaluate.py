@@ -87,22 +87,27 @@ def evaluate(
 ) -> PolicyResult:
     """Decide ``request`` for ``workload``. ``path`` is the normalized path without query
     (:func:`authz.policy.normalize.normalize_path`); ``request.http is None`` means TCP."""
-    view = RequestView(request, auth, path)
     plan = compiled.plan_for(workload)
     inputs = plan.inputs
     if inputs is None:
-        return _evaluate(plan, view, request, path)
+        return _evaluate(plan, RequestView(request, auth, path), request, path)
     # The outcome is a pure function of the plan and of what its rules read (EvaluationPlan.inputs); the
     # token identity is keyed by the RequestAuth object, held by the entry so that its id stays unique.
     http = request.http
     if http is None:
-        key: tuple[object, ...] = (None, path, None, None, id(auth), *[read(view) for read in inputs])
+        key: tuple[object, ...] = (None, path, None, None, id(auth))
     else:
-        key = (True, path, http.method, http.host, id(auth), *[read(view) for read in inputs])
+        key = (True, path, http.method, http.host, id(auth))
+    view = None
+    if inputs:  # the request's view is built only when something reads it (or on a miss)
+        view = RequestView(request, auth, path)
+        key = (*key, *[read(view) for read in inputs])
     memo = plan.memo
     hit = memo.get(key)
     if hit is not None and hit[0] is auth:
         return hit[1]  # type: ignore[return-value]
+    if view is None:
+        view = RequestView(request, auth, path)
     result = _evaluate(plan, view, request, path)
     if len(memo) >= MAX_MEMOIZED_OUTCOMES:
         memo.clear()

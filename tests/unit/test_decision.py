@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from authz.decision import Decision, HeaderOps, ShadowResult, TraceEntry, value_builder
+from authz import decision as decision_module
+from authz.decision import Decision, HeaderOps, ShadowResult, TraceEntry, value_builder, with_decision_id
 from authz.policy.evaluate import PolicyResult
 from authz.request import HttpAttributes, Peer, Request
 
@@ -74,11 +77,22 @@ def test_builder_refuses_missing_or_unknown_fields() -> None:
         build(True, 200, "r")  # keyword-only
 
 
-def test_builder_refuses_classes_it_cannot_build_faithfully() -> None:
+def test_builder_builds_classes_without_slots_through_their_dict() -> None:
     @dataclass(frozen=True)
     class NoSlots:
         a: int
+        b: list[int] = field(default_factory=list)
+        c: str = "c"
 
+    build = value_builder(NoSlots)
+    first, second = build(a=1), build(a=1)
+    assert first == NoSlots(1) and vars(first) == vars(NoSlots(1)) and first.b is not second.b
+    assert build(a=2, b=[3], c="d") == NoSlots(2, [3], "d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.a = 5  # type: ignore[misc]
+
+
+def test_builder_refuses_classes_it_cannot_build_faithfully() -> None:
     @dataclass(slots=True)
     class NotFrozen:
         a: int
@@ -90,6 +104,53 @@ def test_builder_refuses_classes_it_cannot_build_faithfully() -> None:
         def __post_init__(self) -> None:
             pass
 
-    for cls in (NoSlots, NotFrozen, PostInit, int):
+    for cls in (NotFrozen, PostInit, int):
         with pytest.raises(TypeError):
             value_builder(cls)
+
+
+_decisions = st.builds(
+    Decision,
+    allowed=st.booleans(),
+    status=st.sampled_from([200, 400, 401, 403]),
+    reason=st.text(max_size=8),
+    message=st.text(max_size=8),
+    policy_id=st.text(max_size=8),
+    trace=st.lists(
+        st.builds(
+            TraceEntry, st.sampled_from(["deny", "allow"]), st.text(max_size=5), st.none(), st.booleans()
+        ),
+        max_size=2,
+    ).map(tuple),
+    headers=st.builds(HeaderOps, remove=st.lists(st.text(max_size=5), max_size=2).map(tuple)),
+    principal=st.text(max_size=8),
+    claims=st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    audit=st.booleans(),
+    shadow=st.none() | st.builds(ShadowResult, st.booleans(), st.text(max_size=5)),
+    decision_id=st.text(max_size=8),
+    normalized_path=st.text(max_size=8),
+)
+
+
+@given(_decisions, st.text(max_size=12))
+def test_with_decision_id_is_replace(decision: Decision, decision_id: str) -> None:
+    before = dict(vars(decision))
+    stamped = with_decision_id(decision, decision_id)
+    expected = dataclasses.replace(decision, decision_id=decision_id)
+    assert type(stamped) is Decision and stamped == expected and vars(stamped) == vars(expected)
+    assert stamped.decision_id == decision_id and stamped is not decision
+    assert vars(decision) == before  # the template is left as it was
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stamped.decision_id = "other"  # type: ignore[misc]
+
+
+def test_exports() -> None:
+    assert set(decision_module.__all__) == {
+        "Decision",
+        "HeaderOps",
+        "Reason",
+        "ShadowResult",
+        "TraceEntry",
+        "value_builder",
+        "with_decision_id",
+    }

@@ -79,6 +79,26 @@ def test_unlabelled_counter_and_label_errors() -> None:
     assert labelled.labels("ok") is labelled.labels(result="ok")
 
 
+def test_the_unlabelled_series_is_the_one_the_metric_updates() -> None:
+    registry = CollectorRegistry()
+    plain = loop_metrics.Counter("demo_series", "Plain", registry=registry)
+    plain.unlabelled().inc(2)
+    plain.inc()
+    assert plain.unlabelled() is plain.unlabelled()
+    assert registry.get_sample_value("demo_series_total") == 3
+    hist = loop_metrics.Histogram("demo_series_seconds", "H", buckets=(1.0, 2.0), registry=registry)
+    observe = hist.unlabelled().observe  # bound once, as the engine does
+    observe(0.5)
+    hist.observe(1.5)
+    assert registry.get_sample_value("demo_series_seconds_count") == 2
+    assert registry.get_sample_value("demo_series_seconds_bucket", {"le": "1.0"}) == 1
+    labelled = loop_metrics.Histogram("demo_series_l", "L", ["x"], buckets=(1.0,), registry=registry)
+    with pytest.raises(ValueError, match="has labels"):
+        labelled.unlabelled()
+    with pytest.raises(ValueError, match="has labels"):
+        loop_metrics.Counter("demo_series_lc", "L", ["x"], registry=registry).unlabelled()
+
+
 def test_buckets_must_increase() -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         loop_metrics.Histogram("demo_bad", "Bad", buckets=(2.0, 1.0))

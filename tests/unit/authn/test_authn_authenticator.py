@@ -575,3 +575,57 @@ def test_arbitrary_credentials_never_raise(auth: str, query: str, cookie: str, r
     for result in asyncio.run(run()):
         assert isinstance(result, AuthnResult)
         assert result.error is None or result.error.status in (401, 403)
+
+
+# -- authenticate_now: the same answers, without waiting -------------------------------------------------
+
+
+async def test_authenticate_now_answers_once_the_token_is_verified(
+    authn: Authenticator, clock: FrozenClock, rsa_key: SigningKey
+) -> None:
+    rule = inline_rule(rsa_key)
+    rules = (rule,)
+    token = rsa_key.sign(claims(exp=NOW + 120))
+    assert authn.authenticate_now(request(), rules) == await authn.authenticate(request(), rules)  # no token
+    assert authn.authenticate_now(Request(), rules) is not None
+    assert authn.authenticate_now(bearer(token), rules) is None  # the signature must be checked first
+    assert authn.authenticate_now(bearer("garbage"), rules) is None  # failures are not cached
+    waited = await authn.authenticate(bearer(token), rules)
+    assert waited.ok
+    now = authn.authenticate_now(bearer(token), rules)
+    assert now == waited
+    assert authn.authenticate_now(bearer(token), rules) is now  # one shared result per token
+    assert authn.authenticate_now(bearer(token), [rule]) is now  # a list of rules: same answer
+    clock.now = NOW + 3600  # the cache entry ends with the token (and skew): verify, and fail, again
+    assert authn.authenticate_now(bearer(token), rules) is None
+    assert (await authn.authenticate(bearer(token), rules)).error is not None
+
+
+async def test_authenticate_now_is_none_until_every_token_is_verified(
+    authn: Authenticator, rsa_key: SigningKey, es_key: SigningKey
+) -> None:
+    rules = (
+        inline_rule(rsa_key, from_headers=(JwtHeader("x-a"),)),
+        inline_rule(es_key, issuer=OTHER, from_headers=(JwtHeader("x-b"),)),
+    )
+    good_a, good_b = rsa_key.sign(claims()), es_key.sign(claims(iss=OTHER, sub="bob"))
+    await authn.authenticate(request(x_a=good_a), rules)  # only the first is verified
+    assert authn.authenticate_now(request(x_a=good_a), rules) is not None
+    assert authn.authenticate_now(request(x_a=good_a, x_b=good_b), rules) is None
+    waited = await authn.authenticate(request(x_a=good_a, x_b=good_b), rules)
+    assert waited.ok and len(waited.tokens) == 2
+    now = authn.authenticate_now(request(x_a=good_a, x_b=good_b), rules)
+    assert now == waited
+    # the second token is checked as well even when the first is cached: a bad one is never skipped
+    assert authn.authenticate_now(request(x_a=good_a, x_b="garbage"), rules) is None
+    bad = await authn.authenticate(request(x_a=good_a, x_b="garbage"), rules)
+    assert bad.error is not None
+
+
+async def test_a_token_verified_for_the_first_time_is_one_cache_miss(
+    authn: Authenticator, rsa_key: SigningKey
+) -> None:
+    miss = TOKEN_CACHE.labels(result="miss")
+    before = miss.value
+    await authn.authenticate(bearer(rsa_key.sign(claims())), (inline_rule(rsa_key),))
+    assert miss.value == before + 1
