@@ -184,6 +184,7 @@ class Server:
                 settings=opts.http_settings,
                 malformed=self.engine.malformed,
                 reuse_port=opts.reuse_port,
+                check_now=self.engine.check_now,  # answered from the parser callback when nothing waits
             )
             self.http_port = self._http.sockets[0].getsockname()[1]
         if opts.admin_addr:

@@ -37,7 +37,14 @@ from authz.server.graceful import GracefulServer
 from authz.server.grpc_ext_authz import Checker, denied_body, internal_error_decision
 from authz.server.limits import MAX_HEADER_COUNT, MAX_HEADERS_BYTES, MAX_PATH_BYTES
 
-__all__ = ["TRUSTED_HEADERS", "HttpCheckServer", "HttpCheckSettings", "HttpExtAuthzProtocol", "serve_http"]
+__all__ = [
+    "TRUSTED_HEADERS",
+    "CheckerNow",
+    "HttpCheckServer",
+    "HttpCheckSettings",
+    "HttpExtAuthzProtocol",
+    "serve_http",
+]
 
 log = logging.getLogger("authz.server.http")
 
@@ -72,6 +79,8 @@ _TOO_LARGE_HEAD = (
 )
 _TOO_LARGE_BODY = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _NO_PEER = Peer()
+CheckerNow = Callable[[Request], Decision | None]
+"""Decides a check now, or returns None when deciding it must wait (:meth:`authz.engine.Engine.check_now`)."""
 # Request(...) and HttpAttributes(...) at half the cost: one of each per check.
 _build_request = value_builder(Request)
 _build_http = value_builder(HttpAttributes)
@@ -383,6 +392,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_bad_header",
         "_body_bytes",
         "_check",
+        "_check_now",
         "_closing",
         "_draining",
         "_error",
@@ -407,8 +417,13 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         settings: HttpCheckSettings,
         malformed: Callable[[MalformedRequest], Decision],
         registry: set[HttpExtAuthzProtocol] | None = None,
+        *,
+        check_now: CheckerNow | None = None,
     ) -> None:
         self._check = check
+        # Decides a check without waiting, or returns None when it would have to (Engine.check_now); then
+        # ``check`` decides it. Without one, every check goes through ``check``.
+        self._check_now = check_now
         self._registry = registry  # the server's open connections (HttpCheckServer.shutdown), if any
         self._stopping = False  # answer what was read with "connection: close", accept nothing more
         self._in_message = False
@@ -530,10 +545,33 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                 item = MalformedRequest("path is not valid UTF-8")
             except MalformedRequest as exc:
                 item = exc
-        self._queue.append((item, keep_alive))
-        if not self._draining:
-            self._draining = True
-            run_eagerly(self._drain())
+        if self._draining or self._queue or not self._answer_now(item, keep_alive):
+            self._queue.append((item, keep_alive))
+            if not self._draining:
+                self._draining = True
+                run_eagerly(self._drain())
+
+    def _answer_now(self, item: Request | MalformedRequest, keep_alive: bool) -> bool:
+        """Answer ``item`` from this callback when it can be decided without waiting (a malformed request,
+        or ``check_now`` decided it); False when it must wait its turn in the queue. Only called with
+        nothing queued, so answers stay in request order (RFC 9112 §9.3.2)."""
+        try:
+            if isinstance(item, MalformedRequest):
+                decision = self._malformed(item)
+            elif self._check_now is None:
+                return False
+            else:
+                decision_now = self._check_now(item)
+                if decision_now is None:
+                    return False
+                decision = decision_now
+            keep_alive = keep_alive and not self._stopping
+            raw = encode_response(decision, keep_alive=keep_alive)
+        except Exception:
+            keep_alive = keep_alive and not self._stopping
+            raw = _internal_error_response(keep_alive)
+        self._send(raw, keep_alive)
+        return True
 
     async def _drain(self) -> None:
         try:
@@ -547,20 +585,32 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                     keep_alive = keep_alive and not self._stopping  # a stop may come while deciding
                     raw = encode_response(decision, keep_alive=keep_alive)
                 except Exception:
-                    log.exception("internal error in HTTP check")
-                    INTERNAL_ERRORS.labels(front="http").inc()
                     keep_alive = keep_alive and not self._stopping
-                    raw = encode_response(internal_error_decision("internal error"), keep_alive=keep_alive)
-                transport = self._transport
-                if transport is None or self._closing:
-                    return
-                transport.write(raw)
-                if not keep_alive:
-                    self._closing = True
-                    transport.close()
+                    raw = _internal_error_response(keep_alive)
+                if not self._send(raw, keep_alive):
                     return
         finally:
             self._draining = False
+
+    def _send(self, raw: bytes, keep_alive: bool) -> bool:
+        """Write one answer; close after it unless ``keep_alive``. False when the connection is closing."""
+        transport = self._transport
+        if transport is None or self._closing:
+            return False
+        transport.write(raw)
+        if not keep_alive:
+            self._closing = True
+            transport.close()
+            return False
+        return True
+
+
+def _internal_error_response(keep_alive: bool) -> bytes:
+    """The answer for a check whose deciding or encoding raised (called from the ``except`` block, so the
+    log has the trace): a deny (fail closed), counted."""
+    log.exception("internal error in HTTP check")
+    INTERNAL_ERRORS.labels(front="http").inc()
+    return encode_response(internal_error_decision("internal error"), keep_alive=keep_alive)
 
 
 def run_eagerly(coro: Coroutine[Any, Any, None]) -> None:
@@ -613,12 +663,15 @@ async def serve_http(
     malformed: Callable[[MalformedRequest], Decision],
     reuse_port: bool = False,
     sock: Any = None,
+    check_now: CheckerNow | None = None,
 ) -> HttpCheckServer:
+    """Serve Envoy's HTTP ext_authz checks. ``check_now`` (e.g. ``Engine.check_now``), when given, answers
+    the checks it can decide without waiting from the parser callback, with no coroutine per check."""
     loop = asyncio.get_running_loop()
     connections: set[HttpExtAuthzProtocol] = set()
 
     def protocol() -> HttpExtAuthzProtocol:
-        return HttpExtAuthzProtocol(check, settings, malformed, connections)
+        return HttpExtAuthzProtocol(check, settings, malformed, connections, check_now=check_now)
 
     if sock is not None:
         server = await loop.create_server(protocol, sock=sock, backlog=1024)

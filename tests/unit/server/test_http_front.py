@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from authz.decision import Decision, HeaderOps
 from authz.errors import MalformedRequest
+from authz.metrics import REGISTRY
 from authz.request import Request
 from authz.server.http_ext_authz import HttpCheckSettings, serve_http
 
@@ -314,3 +315,108 @@ async def test_the_per_message_bound_restarts_with_each_message() -> None:
         writer.close()
     finally:
         await server.shutdown(grace=1)
+
+
+# -- check_now: checks decided without waiting are answered from the parser callback ---------------------
+
+
+class NowRecorder(SlowRecorder):
+    """Decides at once (``check_now``) unless the path starts with ``/wait``: those wait (a key fetch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now: list[str] = []
+
+    def check_now(self, request: Request) -> Decision | None:
+        assert request.http is not None
+        if request.http.path.startswith("/wait"):
+            return None
+        if request.http.path.startswith("/boom"):
+            raise RuntimeError("bug")
+        self.now.append(request.http.path)
+        path = request.http.path
+        return Decision(
+            allowed=path.startswith("/ok"), status=200 if path.startswith("/ok") else 403, reason="r"
+        )
+
+    async def __call__(self, request: Request) -> Decision:
+        assert request.http is not None
+        self.seen.append(request)
+        await asyncio.sleep(0.01)  # a Future
+        path = request.http.path.removeprefix("/wait")
+        return Decision(
+            allowed=path.startswith("/ok"), status=200 if path.startswith("/ok") else 403, reason="r"
+        )
+
+
+async def _exchange(rec: NowRecorder, raw: bytes, answers: int, *, now: bool = True) -> bytes:
+    server = await serve_http(
+        rec,
+        "127.0.0.1",
+        0,
+        settings=HttpCheckSettings(),
+        malformed=malformed,
+        check_now=rec.check_now if now else None,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        data = b""
+        while data.count(b"HTTP/1.1 ") < answers:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=5)
+            if not chunk:
+                break
+            data += chunk
+        writer.close()
+    finally:
+        await server.shutdown(grace=5)
+    return data
+
+
+async def test_check_now_answers_without_the_waiting_checker_and_identically() -> None:
+    raw = (
+        b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /no HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: \xff\r\n\r\n"
+    )
+    rec = NowRecorder()
+    answered_now = await _exchange(rec, raw, 3)
+    assert rec.now == ["/ok", "/no"] and rec.seen == []  # no coroutine was needed
+    waiting = NowRecorder()
+    answered_later = await _exchange(waiting, raw, 3, now=False)
+    assert [r.http.path for r in waiting.seen if r.http] == ["/ok", "/no"] and waiting.now == []
+    assert answered_now == answered_later  # the same bytes either way
+    assert answered_now.index(b"200 OK") < answered_now.index(b"403 Forbidden")
+    assert answered_now.index(b"403 Forbidden") < answered_now.index(b"400 Bad Request")
+
+
+async def test_a_check_that_must_wait_keeps_later_answers_behind_it() -> None:
+    # /wait-ok must wait; /no could be decided at once but must not overtake it (RFC 9112 §9.3.2).
+    rec = NowRecorder()
+    raw = (
+        b"GET /wait/ok HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /no HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /wait/no HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    data = await _exchange(rec, raw, 3)
+    assert [r.http.path for r in rec.seen if r.http] == ["/wait/ok", "/no", "/wait/no"]
+    assert rec.now == []  # while one waits, the rest queue behind it and go through the checker
+    assert data.index(b"200 OK") < data.index(b"403 Forbidden")
+    assert data.count(b"403 Forbidden") == 2
+
+
+async def test_check_now_failing_is_an_internal_error_deny_and_the_connection_goes_on() -> None:
+    rec = NowRecorder()
+    before = _internal_errors()
+    data = await _exchange(
+        rec, b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\nGET /ok HTTP/1.1\r\nHost: a\r\n\r\n", 2
+    )
+    assert data.index(b"403 Forbidden") < data.index(b"200 OK")
+    assert b"internal_error" in data
+    assert _internal_errors() == before + 1
+
+
+def _internal_errors() -> float:
+    return REGISTRY.get_sample_value("meshauthz_internal_errors_total", {"front": "http"}) or 0.0
