@@ -68,6 +68,11 @@ class AuthzRuntime:
     async def check(self, request: Request, workload: Workload | None = None) -> Decision:
         return await self.engine.check(request, workload)
 
+    def check_now(self, request: Request, workload: Workload | None = None) -> Decision | None:
+        """:meth:`Engine.check_now`: the decision when no token must be verified first, else None (then
+        await :meth:`check`)."""
+        return self.engine.check_now(request, workload)
+
     def _swap(self, snapshot: Snapshot) -> None:
         if snapshot.authn_settings != self.engine.snapshot.authn_settings:
             self.authenticator.update_settings(snapshot.authn_settings)

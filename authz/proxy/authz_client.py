@@ -28,7 +28,11 @@ __all__ = [
 
 @runtime_checkable
 class Authorizer(Protocol):
-    """What the proxy calls for every inbound request (``authz.engine`` implements it in process)."""
+    """What the proxy calls for every inbound request (``authz.engine`` implements it in process).
+
+    An in-process authorizer may also offer ``check_now(request, workload) -> Decision | None``: the
+    decision when it needs no I/O (a token verified before), else None; the proxy then awaits ``check``
+    (``authz.runtime.AuthzRuntime`` has it; a remote authorizer does not)."""
 
     async def check(self, request: Request, workload: Workload) -> Decision: ...
 

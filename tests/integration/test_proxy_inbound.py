@@ -199,3 +199,39 @@ async def test_port_level_mtls_applies_to_the_workload_port(
     else:
         assert raw == b""  # STRICT: the plaintext request is not served
         assert app.requests == []
+
+
+class DecidesNowOrWaits(RecordingAuthorizer):
+    """An in-process authorizer: answers /now/* without waiting (check_now), everything else by check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now: list[str] = []
+
+    def check_now(self, request: Request, workload: Workload) -> Decision | None:
+        assert request.http is not None
+        if not request.http.path.startswith("/now/"):
+            return None  # would wait: the proxy awaits check() instead
+        self.now.append(request.http.path)
+        allowed = request.http.path != "/now/deny"
+        return Decision(
+            allowed=allowed, status=200 if allowed else 403, reason=Reason.ALLOWED_BY_POLICY, message="now"
+        )
+
+
+async def test_inbound_uses_the_authorizers_immediate_answer_and_awaits_it_otherwise(app: Upstream) -> None:
+    authorizer = DecidesNowOrWaits()
+    sidecar = Sidecar(sidecar_config(inbound_config(app.port)), authorizer=authorizer)  # type: ignore[arg-type]
+    await sidecar.start()
+    assert sidecar.inbound is not None
+    try:
+        statuses = [
+            status_of(await raw_exchange(sidecar.inbound.port, get(path)))
+            for path in ("/now/a", "/now/deny", "/later", "/admin/x")
+        ]
+    finally:
+        await sidecar.stop()
+    assert statuses == [200, 403, 200, 403]
+    assert authorizer.now == ["/now/a", "/now/deny"]  # decided at once: check() never ran for them
+    assert authorizer.paths == ["/later", "/admin/x"]  # check_now said it would wait: check() decided
+    assert [r.target for r in app.requests] == ["/now/a", "/later"]
