@@ -135,7 +135,9 @@ class Server:
         opts = self.options
         if opts.grpc_addr and opts.grpc_server == "h2":
             host, port = parse_addr(opts.grpc_addr)
-            servicer = AuthorizationServicer(self._check, malformed=self.engine.malformed)
+            servicer = AuthorizationServicer(
+                self._check, malformed=self.engine.malformed, check_now=self.engine.check_now
+            )
             parse = external_auth_pb2.CheckRequest.FromString
 
             async def check(message: bytes) -> bytes:
@@ -162,7 +164,12 @@ class Server:
                     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ]
             )
-            add_to_server(server, AuthorizationServicer(self._check, malformed=self.engine.malformed))
+            add_to_server(
+                server,
+                AuthorizationServicer(
+                    self._check, malformed=self.engine.malformed, check_now=self.engine.check_now
+                ),
+            )
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             await health_servicer.set(GRPC_SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -412,9 +412,17 @@ class AuthorizationServicer:
     (:func:`add_to_server` registers it so the bytes go out as they are). Every path returns a
     CheckResponse; nothing escapes."""
 
-    def __init__(self, check: Checker, *, malformed: Callable[[MalformedRequest], Decision]) -> None:
+    def __init__(
+        self,
+        check: Checker,
+        *,
+        malformed: Callable[[MalformedRequest], Decision],
+        check_now: Callable[[Request], Decision | None] | None = None,
+    ) -> None:
         self._check = check
         self._malformed = malformed
+        # Decides without waiting, or None when it would have to (Engine.check_now); then ``check`` does.
+        self._check_now = check_now
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
@@ -424,7 +432,10 @@ class AuthorizationServicer:
                 req = request_from_check(request)
             except MalformedRequest as exc:
                 return response_bytes(self._malformed(exc))
-            return response_bytes(await self._check(req))
+            decision = self._check_now(req) if self._check_now is not None else None
+            if decision is None:
+                decision = await self._check(req)
+            return response_bytes(decision)
         except Exception:  # fail closed: an internal error is a deny, never a gRPC error or an allow
             log.exception("internal error in gRPC Check")
             INTERNAL_ERRORS.labels(front="grpc").inc()

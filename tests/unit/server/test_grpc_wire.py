@@ -250,6 +250,29 @@ def test_servicer_turns_internal_errors_into_a_deny(path: str, caplog: pytest.Lo
     assert "internal error in gRPC Check" in caplog.text
 
 
+def test_servicer_uses_check_now_and_awaits_check_only_when_it_would_wait() -> None:
+    """``check_now`` decides what it can (no coroutine); None sends the request to ``check``; a raise is
+    an internal-error deny like any other."""
+    checker = _Checker()
+    seen: list[str] = []
+
+    def check_now(request: Request) -> Decision | None:
+        assert request.http is not None
+        seen.append(request.http.path)
+        if request.http.path == "/now-boom":
+            raise RuntimeError("bug")
+        return _allow("now") if request.http.path == "/now" else None
+
+    servicer = AuthorizationServicer(checker, malformed=_malformed, check_now=check_now)
+    assert _run(servicer, _check_request("/now")).dynamic_metadata["decision_id"] == "now"
+    assert checker.calls == 0
+    assert _run(servicer, _check_request("/allow")).dynamic_metadata["decision_id"] == "id-1"
+    assert checker.calls == 1
+    reply = _run(servicer, _check_request("/now-boom"))
+    assert json.loads(reply.denied_response.body)["reason"] == Reason.INTERNAL_ERROR
+    assert seen == ["/now", "/allow", "/now-boom"] and checker.calls == 1
+
+
 @pytest.fixture
 async def grpc_stub() -> AsyncIterator[Any]:
     server = grpc.aio.server()
