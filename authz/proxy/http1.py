@@ -94,7 +94,7 @@ def valid_header_name(name: str) -> bool:
 
 def valid_header_value(value: str) -> bool:
     """RFC 9110 §5.5: no CR, LF or NUL in a field value (those are how responses get split)."""
-    return not any(c in value for c in "\r\n\0")
+    return "\r" not in value and "\n" not in value and "\0" not in value
 
 
 @dataclass(slots=True)
@@ -291,6 +291,7 @@ def _framing(te: list[str], cl: list[str], version: str, *, request: bool) -> tu
 
 # Header names the request checks look at; every other name is skipped with one set lookup.
 _REQUEST_SPECIAL = frozenset({"host", "transfer-encoding", "content-length", "expect", "upgrade"})
+_FRAMING_FIELDS = frozenset({"transfer-encoding", "content-length"})
 
 
 class RequestParser(_Parser):
@@ -337,7 +338,10 @@ class RequestParser(_Parser):
             raise CodecError("a request needs exactly one Host header (RFC 9112 §3.2)")
         if hosts and not valid_header_value(hosts[0]):
             raise CodecError("malformed Host")
-        body, length = _framing(te, cl, version, request=True)
+        body: Body = "none"
+        length = None
+        if te or cl:  # without either, a request has no body (RFC 9112 §6.3 ¶7)
+            body, length = _framing(te, cl, version, request=True)
         if expect and expect != ["100-continue"]:
             raise CodecError("unsupported expectation", status=417)
         self.events.append(
@@ -382,8 +386,10 @@ class ResponseParser(_Parser):
             body: Body = "none"
             length = None
         else:
-            te = [v for k, v in headers if k == "transfer-encoding"]
-            cl = [v for k, v in headers if k == "content-length"]
+            te: list[str] = []
+            cl: list[str] = []
+            for k, v in [field for field in headers if field[0] in _FRAMING_FIELDS]:
+                (te if k == "transfer-encoding" else cl).append(v)
             body, length = _framing(te, cl, version, request=False)
         self.events.append(
             Event(
