@@ -338,10 +338,7 @@ class RequestParser(_Parser):
             raise CodecError("a request needs exactly one Host header (RFC 9112 §3.2)")
         if hosts and not valid_header_value(hosts[0]):
             raise CodecError("malformed Host")
-        body: Body = "none"
-        length = None
-        if te or cl:  # without either, a request has no body (RFC 9112 §6.3 ¶7)
-            body, length = _framing(te, cl, version, request=True)
+        body, length = _framing(te, cl, version, request=True)
         if expect and expect != ["100-continue"]:
             raise CodecError("unsupported expectation", status=417)
         self.events.append(
