@@ -171,6 +171,11 @@ class Channel(asyncio.Protocol):
             self._drain_waiter = None
 
     @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is above its high-water mark: :meth:`drain` would wait."""
+        return self._write_paused
+
+    @property
     def closed(self) -> bool:
         return self.eof or self.transport is None or self.transport.is_closing()
 

@@ -36,7 +36,7 @@ from authz.proxy.pool import (
     UpstreamConnection,
     UpstreamError,
 )
-from authz.proxy.retry import Outcome, backoff, should_retry
+from authz.proxy.retry import Failure, Outcome, backoff, should_retry
 
 __all__ = ["TLS_MODE_LABEL", "Cluster", "ClusterKey", "ClusterManager", "UnknownService"]
 
@@ -143,12 +143,16 @@ class Cluster:
         retry: RetryPolicy | None,
         replayable: bool,
         hash_key: str | None = None,
+        resent: bool = False,
     ) -> ProxyResponse:
-        """Send ``request`` with retries; the response body streams from the pooled connection."""
+        """Send ``request`` with retries; the response body streams from the pooled connection.
+
+        ``resent``: a try of :meth:`begin_now` already found its pooled connection closed by the server and
+        this is the one resend that allows (a stale connection sent nothing: resending is no retry)."""
         info.upstream_cluster = self.name
         tried: list[str] = []
         retries_done = 0
-        stale_resent = False
+        stale_resent = resent
         per_try = retry.per_try_timeout if retry is not None else None
         can_retry = replayable or request.body.empty
         while True:
@@ -187,7 +191,7 @@ class Cluster:
                 raise
             else:
                 assert conn is not None
-                response = self._response(head, request, conn, pool)
+                response = self.response(head, request, conn, pool)
                 if retry is None and self.outlier.policy is None:
                     return response  # nothing to account or retry: the common case, kept short
                 outcome = Outcome(status=head.status, grpc_status=head.get("grpc-status") or "")
@@ -209,18 +213,59 @@ class Cluster:
                 info.flags.add("URX")  # retry limit reached on a retriable outcome
             if response is not None:
                 return response
-            if outcome.failure == "timeout":
-                return self._timeout(info)
-            if outcome.failure == "connect_failure":
-                return _local_failure(503, "UF", "connection failure", info)
-            return _local_failure(503, "UC", "connection termination", info)
+            return self.failure_response(outcome.failure, info)
+
+    def begin_now(
+        self, request: ProxyRequest, info: StreamInfo
+    ) -> tuple[UpstreamConnection, EndpointPool] | None:
+        """The one try of :meth:`forward` (no retry policy) for a request without a body, started without
+        waiting: when this cluster has one endpoint, no outlier detection to account and an idle pooled
+        connection, the request is written to it. The caller then waits for the head
+        (``UpstreamConnection.poll_head``), builds the reply with :meth:`response` and maps failures with
+        :meth:`failure_response` (or resends once through ``forward(..., resent=True)`` when the error says
+        nothing was sent). None: call :meth:`forward`, nothing was done."""
+        if len(self.endpoints) != 1 or self.outlier.policy is not None or not request.body.empty:
+            return None
+        endpoint = self.endpoints[0]
+        pool = self.pools[endpoint.key]
+        try:
+            conn = pool.acquire_now()
+        except Overflow:
+            return None  # forward answers it (503 UO)
+        if conn is None:
+            return None
+        try:
+            conn.begin(
+                request.method,
+                request.target,
+                request.authority,
+                request.headers,
+                length=request.body.length,
+                body=False,
+            )
+        except UpstreamError:
+            pool.release(conn)
+            return None  # the write failed at once: nothing sent, forward tries afresh
+        info.upstream_cluster = self.name
+        info.upstream_host = endpoint.key
+        info.attempts += 1
+        return conn, pool
+
+    @staticmethod
+    def failure_response(failure: Failure | None, info: StreamInfo) -> ProxyResponse:
+        """Envoy's local reply when the last try failed without a response (flag UT, UF or UC)."""
+        if failure == "timeout":
+            return Cluster._timeout(info)
+        if failure == "connect_failure":
+            return _local_failure(503, "UF", "connection failure", info)
+        return _local_failure(503, "UC", "connection termination", info)
 
     @staticmethod
     def _timeout(info: StreamInfo) -> ProxyResponse:
         info.flags.add("UT")
         return local_response(504, "upstream request timeout")
 
-    def _response(
+    def response(
         self, head: ResponseHead, request: ProxyRequest, conn: UpstreamConnection, pool: EndpointPool
     ) -> ProxyResponse:
         no_body = head.body == "none" or request.method == "HEAD"

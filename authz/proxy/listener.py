@@ -41,7 +41,9 @@ __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "ConnectionInfo",
+    "Downstream",
     "DownstreamClosed",
+    "FastPath",
     "Handler",
     "Listener",
 ]
@@ -81,6 +83,8 @@ class ConnectionInfo:
 
 Handler = Callable[[ProxyRequest, ConnectionInfo, StreamInfo], Awaitable[ProxyResponse]]
 Done = Callable[[ProxyRequest, ConnectionInfo, StreamInfo], None]
+FastPath = Callable[[RequestHead, "Downstream"], Awaitable[bool] | None]
+"""Serves a request without a body in one coroutine, or declines (None: :class:`Handler` serves it)."""
 
 
 async def _wait_readable(sock: socket.socket, timeout: float) -> None:
@@ -106,6 +110,7 @@ class Listener:
         tls_mode: Callable[[], str] = lambda: "DISABLE",
         ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None,
         on_done: Done | None = None,
+        fast: FastPath | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         name: str = "listener",
@@ -116,6 +121,7 @@ class Listener:
         self.tls_mode = tls_mode
         self.ssl_context = ssl_context
         self.on_done = on_done
+        self.fast = fast
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
         self.name = name
@@ -203,7 +209,7 @@ class Listener:
             tls=ctx is not None,
             peer=peer_identity(transport.get_extra_info("ssl_object")) if ctx is not None else PeerIdentity(),
         )
-        conn = _DownstreamConnection(self, channel, info)
+        conn = Downstream(self, channel, info)
         self._channels.add(channel)
         try:
             await conn.run()
@@ -234,7 +240,36 @@ class Listener:
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
-class _DownstreamConnection:
+def _frame(
+    head: RequestHead, resp: ProxyResponse, stream: StreamInfo, keep: bool
+) -> tuple[bytes, bool, bool, bool]:
+    """The response head as we send it: (bytes, no body, chunked, keep-alive). Our own framing (RFC 9112
+    §6): Content-Length when known, else chunked to an HTTP/1.1 client, else the end of the connection."""
+    status = resp.status
+    stream.status = status
+    headers = [(k, v) for k, v in resp.headers if k not in _FRAMING]
+    no_body = resp.no_body or head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+    chunked = False
+    length = resp.length
+    if no_body:
+        if length is not None and status != 204 and not 100 <= status < 200:
+            headers.append(("content-length", str(length)))
+    elif length is not None:
+        headers.append(("content-length", str(length)))
+    elif head.version == "1.1":
+        headers.append(("transfer-encoding", "chunked"))
+        chunked = True
+    else:
+        keep = False  # HTTP/1.0 client, unknown length: the end of the body is the end of the connection
+    if not keep:
+        headers.append(("connection", "close"))
+    return serialize_response_head(status, resp.reason, headers), no_body, chunked, keep
+
+
+class Downstream:
+    """One downstream connection: the loop reading requests, and what a :data:`FastPath` uses to answer
+    (:meth:`request`, :meth:`respond`)."""
+
     def __init__(self, listener: Listener, channel: Channel, info: ConnectionInfo) -> None:
         self.listener = listener
         self.channel = channel
@@ -272,7 +307,15 @@ class _DownstreamConnection:
             head = ev.head
             assert isinstance(head, RequestHead)
             self._idle = False
-            keep = await self._serve(head)
+            if head.body == "none":
+                self._body_done = True
+                if events and events[0].kind == "end":
+                    events.popleft()  # nothing to read: its end-of-message is queued right behind it
+                fast = listener.fast
+                serving = fast(head, self) if fast is not None else None
+                keep = await (self._serve(head) if serving is None else serving)
+            else:
+                keep = await self._serve(head)
             self._idle = True
             if not keep:
                 return
@@ -319,7 +362,8 @@ class _DownstreamConnection:
             self._stream.bytes_received += len(ev.data)
         return ev.data
 
-    def _request(self, head: RequestHead) -> ProxyRequest:
+    def request(self, head: RequestHead) -> ProxyRequest:
+        """The request as handlers see it: absolute-form resolved, hop-by-hop fields stripped."""
         authority = head.host
         target = head.target
         if not target.startswith("/") and target.startswith(("http://", "https://")):
@@ -344,14 +388,11 @@ class _DownstreamConnection:
 
     async def _serve(self, head: RequestHead) -> bool:
         if head.body == "none":
-            events = self.parser.events
-            if events and events[0].kind == "end":
-                events.popleft()
             self._body_done = True
         else:
             self._body_done = False
             self._continue_pending = head.expect_continue and head.version == "1.1"
-        request = self._request(head)
+        request = self.request(head)
         stream = StreamInfo(time.monotonic())
         self._stream = stream
         listener = self.listener
@@ -367,7 +408,15 @@ class _DownstreamConnection:
         except Exception:
             log.exception("%s: handler failed", listener.name)
             response = local_response(500, "internal error")
-        keep = head.keep_alive and not listener.closing
+        kept = self.respond_now(head, request, response, stream)
+        return kept if kept is not None else await self.respond(head, request, response, stream)
+
+    async def respond(
+        self, head: RequestHead, request: ProxyRequest, response: ProxyResponse, stream: StreamInfo
+    ) -> bool:
+        """Write ``response`` to ``request``, then log and count it; returns whether to keep the connection
+        open."""
+        keep = head.keep_alive and not self.listener.closing
         try:
             keep = await self._write_response(head, response, stream, keep)
         except (ConnectionError, OSError, DownstreamClosed):
@@ -391,30 +440,43 @@ class _DownstreamConnection:
             except Exception:
                 log.exception("access log / metrics failed")
 
+    def respond_now(
+        self, head: RequestHead, request: ProxyRequest, response: ProxyResponse, stream: StreamInfo
+    ) -> bool | None:
+        """:meth:`respond` when it needs no wait: a response whose whole body is here already (a local
+        reply, a small upstream response) goes out in one write, and is logged and counted. None: nothing
+        was done, await :meth:`respond`."""
+        channel = self.channel
+        if channel.write_paused or (response.length is None and not response.no_body):
+            return None  # a body to stream, or a buffer to drain first
+        data = response.body.take_all()
+        if data is None:
+            return None
+        keep = head.keep_alive and not self.listener.closing
+        out, no_body, _, keep = _frame(head, response, stream, keep)
+        try:
+            if no_body:
+                channel.write(out)
+            elif len(data) > (response.length or 0):
+                stream.flags.add("UPE")  # as _write_response: a body longer than its Content-Length
+                self.abort = True
+                keep = False
+            else:
+                channel.write(out + data if data else out)
+                stream.bytes_sent += len(data)
+        except (ConnectionError, OSError):
+            stream.flags.add("DC")
+            keep = False
+        self._done(request, stream)
+        return keep and self._body_done
+
     async def _write_response(
         self, head: RequestHead, resp: ProxyResponse, stream: StreamInfo, keep: bool
     ) -> bool:
-        status = resp.status
-        stream.status = status
-        headers = [(k, v) for k, v in resp.headers if k not in _FRAMING]
-        no_body = resp.no_body or head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
-        chunked = False
+        out, no_body, chunked, keep = _frame(head, resp, stream, keep)
         length = resp.length
-        if no_body:
-            if length is not None and status != 204 and not 100 <= status < 200:
-                headers.append(("content-length", str(length)))
-        elif length is not None:
-            headers.append(("content-length", str(length)))
-        elif head.version == "1.1":
-            headers.append(("transfer-encoding", "chunked"))
-            chunked = True
-        else:
-            keep = False  # HTTP/1.0 client, unknown length: the end of the body is the end of the connection
-        if not keep:
-            headers.append(("connection", "close"))
         channel = self.channel
         body = resp.body
-        out = serialize_response_head(status, resp.reason, headers)
         if no_body:
             channel.write(out)
             for _ in range(4):  # let the upstream connection see its end-of-message (bounded, none expected)

@@ -33,6 +33,11 @@ class ResponseBody(Protocol):
         """
         ...
 
+    def take_all(self) -> bytes | None:
+        """The whole rest of the body when all of it is here already (the body is then done), else None
+        and nothing taken. Lets the listener answer a small response without waiting."""
+        ...
+
     def abort(self) -> None: ...
 
 
@@ -49,6 +54,10 @@ class BytesBody:
     def poll(self) -> bytes | None:
         data, self._data = self._data, None
         return data
+
+    def take_all(self) -> bytes | None:
+        data, self._data = self._data, None
+        return data or b""
 
     def abort(self) -> None:
         self._data = None

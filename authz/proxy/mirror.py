@@ -73,6 +73,9 @@ class HashingBody:
             self._hash.update(data)
         return data
 
+    def take_all(self) -> bytes | None:
+        return None  # streams through the hash chunk by chunk
+
     def abort(self) -> None:
         self._inner.abort()
         if not self.digest.done():

@@ -74,6 +74,8 @@ class UpstreamConnection:
         self._head_request = False
         self._close_delimited = False
         self._done = False
+        self._fresh = True
+        self._received_any = False
         self.peer_principal = ""
 
     @property
@@ -83,6 +85,113 @@ class UpstreamConnection:
     def close(self) -> None:
         self.reusable = False
         self.channel.abort()
+
+    def begin(
+        self,
+        method: str,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        *,
+        length: int | None,
+        body: bool,
+    ) -> None:
+        """Write the request head (re-framed: our own Content-Length, or chunked when ``body`` has no
+        length). Raises :class:`UpstreamError`."""
+        self._fresh = self.requests == 0
+        self.requests += 1
+        self._head_request = method == "HEAD"
+        self._done = False
+        self._received_any = False
+        if body and length is None:
+            framing = "transfer-encoding: chunked\r\n"
+        elif length or method in ("POST", "PUT", "PATCH"):
+            framing = f"content-length: {length or 0}\r\n"
+        else:
+            framing = ""
+        try:
+            self.channel.write(
+                (
+                    f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n"
+                    + "".join([f"{k}: {v}\r\n" for k, v in headers])
+                    + framing
+                    + "\r\n"
+                ).encode("latin-1")
+            )
+        except (ConnectionError, OSError) as exc:
+            self.close()
+            raise UpstreamError("reset", f"upstream connection failed: {exc}") from exc
+
+    async def send_body(self, read_body: Callable[[], Awaitable[bytes | None]], length: int | None) -> None:
+        """Stream the request body after :meth:`begin` (chunked when ``length`` is None), with
+        back-pressure. Raises :class:`UpstreamError`."""
+        channel = self.channel
+        try:
+            await channel.drain()
+            sent = 0
+            while (chunk := await read_body()) is not None:
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                channel.write(encode_chunk(chunk) if length is None else chunk)
+                await channel.drain()
+            if length is None:
+                channel.write(LAST_CHUNK)
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            self.close()
+            raise UpstreamError("reset", f"upstream connection failed: {exc}") from exc
+        if length is not None and sent != length:
+            self.close()
+            raise UpstreamError("reset", "request body shorter than its Content-Length")
+
+    def poll_head(self) -> ResponseHead | None:
+        """The final response head if it has arrived, None while more bytes are needed (wait on the
+        channel, then poll again). 1xx responses are dropped (spec §3.1 (3): we answered ``Expect``
+        ourselves). Raises :class:`UpstreamError`."""
+        channel = self.channel
+        parser = channel.parser
+        events = parser.events
+        try:
+            while events:
+                event = events[0]
+                if event.kind == "error":
+                    assert event.error is not None
+                    raise event.error
+                head = event.head
+                if event.kind != "head" or not isinstance(head, ResponseHead):
+                    self.close()
+                    raise UpstreamError("reset", "unexpected data before the response head")
+                if 100 <= head.status < 200:
+                    if len(events) < 2:
+                        break  # its end-of-message is still to come
+                    channel.pop()
+                    self._received_any = True
+                    if channel.pop().kind != "end":
+                        self.close()
+                        raise UpstreamError("reset", "malformed 1xx response")
+                    continue
+                channel.pop()
+                self._received_any = True
+                self._close_delimited = head.body == "close"
+                if not head.keep_alive or self._close_delimited:
+                    self.reusable = False
+                if self._head_request:  # spec §3.1 (2)
+                    self.reusable = False
+                    self._done = True
+                return head
+            if parser.failed:
+                raise CodecError("parser failed")
+            if channel.eof:
+                self.close()
+                if self._fresh and self.tls and not self._received_any:
+                    raise UpstreamError("connect_failure", "TLS peer closed before responding")
+                raise UpstreamError(
+                    "reset", "upstream closed before responding", sent_nothing=not self._fresh
+                )
+            return None
+        except CodecError as exc:
+            self.close()
+            raise UpstreamError("reset", f"invalid upstream response: {exc}") from exc
 
     async def send(
         self,
@@ -95,81 +204,13 @@ class UpstreamConnection:
         read_body: Callable[[], Awaitable[bytes | None]] | None,
     ) -> ResponseHead:
         """Write the request and wait for the final response head. Raises :class:`UpstreamError`."""
-        fresh = self.requests == 0
-        self.requests += 1
-        self._head_request = method == "HEAD"
-        self._done = False
-        if read_body is not None and length is None:
-            framing = "transfer-encoding: chunked\r\n"
-        elif length or method in ("POST", "PUT", "PATCH"):
-            framing = f"content-length: {length or 0}\r\n"
-        else:
-            framing = ""
+        self.begin(method, target, authority, headers, length=length, body=read_body is not None)
+        if read_body is not None:
+            await self.send_body(read_body, length)
         channel = self.channel
-        received_any = False
-        try:
-            channel.write(
-                (
-                    f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n"
-                    + "".join([f"{k}: {v}\r\n" for k, v in headers])
-                    + framing
-                    + "\r\n"
-                ).encode("latin-1")
-            )
-            if read_body is not None:
-                await channel.drain()
-                sent = 0
-                while (chunk := await read_body()) is not None:
-                    if not chunk:
-                        continue
-                    sent += len(chunk)
-                    channel.write(encode_chunk(chunk) if length is None else chunk)
-                    await channel.drain()
-                if length is None:
-                    channel.write(LAST_CHUNK)
-                elif sent != length:
-                    self.close()
-                    raise UpstreamError("reset", "request body shorter than its Content-Length")
-            events = channel.parser.events
-            while True:
-                while not events:  # the wait inlined: one coroutine frame less on every suspend/resume
-                    if channel.parser.failed:
-                        raise CodecError("parser failed")
-                    if channel.eof:
-                        raise EOFError
-                    await channel.wait()
-                event = channel.pop()
-                if event.kind == "error":
-                    assert event.error is not None
-                    raise event.error
-                received_any = True
-                if event.kind == "head":
-                    head = event.head
-                    assert isinstance(head, ResponseHead)
-                    if 100 <= head.status < 200:  # spec §3.1 (3): drop 1xx, wait for the final response
-                        nxt = await self._next_event()
-                        if nxt.kind != "end":
-                            raise UpstreamError("reset", "malformed 1xx response")
-                        continue
-                    self._close_delimited = head.body == "close"
-                    if not head.keep_alive or self._close_delimited:
-                        self.reusable = False
-                    if self._head_request:  # spec §3.1 (2)
-                        self.reusable = False
-                        self._done = True
-                    return head
-                raise UpstreamError("reset", "unexpected data before the response head")
-        except EOFError as exc:
-            self.close()
-            if fresh and self.tls and not received_any:
-                raise UpstreamError("connect_failure", "TLS peer closed before responding") from exc
-            raise UpstreamError("reset", "upstream closed before responding", sent_nothing=not fresh) from exc
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            self.close()
-            raise UpstreamError("reset", f"upstream connection failed: {exc}") from exc
-        except CodecError as exc:
-            self.close()
-            raise UpstreamError("reset", f"invalid upstream response: {exc}") from exc
+        while (head := self.poll_head()) is None:
+            await channel.wait()
+        return head
 
     async def _next_event(self) -> Event:
         ev = await self.channel.next_event()
@@ -198,6 +239,25 @@ class UpstreamConnection:
             self._done = True
             return None
         return b""
+
+    def take_rest(self) -> bytes | None:
+        """The rest of the body when its end has been parsed already (then done), else None."""
+        if self._done:
+            return b""
+        pieces: list[bytes] = []
+        for event in self.channel.parser.events:
+            if event.kind == "end":
+                break
+            if event.kind != "body":
+                return None
+            pieces.append(event.data)
+        else:
+            return None
+        pop = self.channel.pop
+        for _ in range(len(pieces) + 1):
+            pop()
+        self._done = True
+        return b"".join(pieces) if len(pieces) != 1 else pieces[0]
 
     async def read_body(self) -> bytes | None:
         """Next decoded chunk of the response body, None at its end. Raises UpstreamError on truncation."""
@@ -314,41 +374,52 @@ class EndpointPool:
             return conn
         return None
 
-    async def acquire(self) -> UpstreamConnection:
-        """A connection for one request; waits when at ``maxConnections``; raises :class:`Overflow`."""
+    def acquire_now(self) -> UpstreamConnection | None:
+        """:meth:`acquire` when it needs no wait: an idle connection within the limits, else None.
+        Raises :class:`Overflow`."""
         b = self.breaker
         if b.requests >= b.settings.max_requests:
             raise Overflow("too many active requests")
         conn = self._take_idle()
+        if conn is not None:
+            b.requests += 1
+            self.active += 1
+        return conn
+
+    async def acquire(self) -> UpstreamConnection:
+        """A connection for one request; waits when at ``maxConnections``; raises :class:`Overflow`."""
+        conn = self.acquire_now()
+        if conn is not None:
+            return conn
+        b = self.breaker
+        if b.connections >= b.settings.max_connections:
+            if b.pending >= b.settings.max_pending_requests:
+                raise Overflow("too many pending requests")
+            fut: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            b.pending += 1
+            try:
+                conn = await fut
+            finally:
+                b.pending -= 1
+                if not fut.done():
+                    fut.cancel()
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
         if conn is None:
-            if b.connections >= b.settings.max_connections:
-                if b.pending >= b.settings.max_pending_requests:
-                    raise Overflow("too many pending requests")
-                fut: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
-                self._waiters.append(fut)
-                b.pending += 1
-                try:
-                    conn = await fut
-                finally:
-                    b.pending -= 1
-                    if not fut.done():
-                        fut.cancel()
-                    if fut in self._waiters:
-                        self._waiters.remove(fut)
-            if conn is None:
-                b.connections += 1
-                try:
-                    conn = await connect(
-                        self.endpoint,
-                        timeout=b.settings.connect_timeout,
-                        ssl_context=self._ssl_context() if self.endpoint.tls else None,
-                        expected_ids=self._expected_ids,
-                        origination=self._origination,
-                    )
-                except BaseException:
-                    b.connections -= 1
-                    self._wake(None)
-                    raise
+            b.connections += 1
+            try:
+                conn = await connect(
+                    self.endpoint,
+                    timeout=b.settings.connect_timeout,
+                    ssl_context=self._ssl_context() if self.endpoint.tls else None,
+                    expected_ids=self._expected_ids,
+                    origination=self._origination,
+                )
+            except BaseException:
+                b.connections -= 1
+                self._wake(None)
+                raise
         b.requests += 1
         self.active += 1
         return conn
@@ -415,6 +486,15 @@ class UpstreamBody:
             return None
         data = conn.poll_body()
         if data is None:
+            self._finish(ok=True)
+        return data
+
+    def take_all(self) -> bytes | None:
+        conn = self._conn
+        if conn is None:
+            return b""
+        data = conn.take_rest()
+        if data is not None:
             self._finish(ok=True)
         return data
 

@@ -30,8 +30,9 @@ from authz.proxy.authz_client import (
     error_decision,
 )
 from authz.proxy.cluster import Cluster, ClusterKey, ClusterManager, UnknownService
+from authz.proxy.http1 import RequestHead
 from authz.proxy.lb import Endpoint, pick_weighted
-from authz.proxy.listener import ConnectionInfo, Listener
+from authz.proxy.listener import ConnectionInfo, Downstream, Listener
 from authz.proxy.local_reply import direct_reply, redirect_reply
 from authz.proxy.message import (
     BytesBody,
@@ -46,6 +47,7 @@ from authz.proxy.mirror import HashingBody, Mirrorer, ResponseSummary, shadow_au
 from authz.proxy.model import HTTPRoute, PeerAuthentication, TrafficPolicy
 from authz.proxy.mtls import client_context, server_context
 from authz.proxy.paths import PathNormalizer
+from authz.proxy.pool import UpstreamError
 from authz.proxy.router import Router, rewrite_target
 from authz.proxy.settings import SidecarConfig
 from authz.proxy.telemetry import TRACE_HEADERS, access_log_line, child_trace_headers, request_id
@@ -241,6 +243,7 @@ class Sidecar:
                 tls_mode=lambda: self._gen.inbound_mode,
                 ssl_context=lambda: self._server_ctx,
                 on_done=self._done_inbound,
+                fast=self._serve_inbound_fast,
                 name="inbound",
             )
             await self.inbound.start()
@@ -271,6 +274,88 @@ class Sidecar:
         self, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo
     ) -> ProxyResponse:
         gen = self._gen
+        admitted = self._admit_inbound(gen, req, conn, info)
+        if isinstance(admitted, Request):
+            try:
+                decision = await self.authorizer.check(admitted, self.workload)
+            except Exception as exc:
+                admitted = self._authorizer_failed(gen, info, exc)
+            else:
+                admitted = self._verdict(req, info, decision)
+        if isinstance(admitted, ProxyResponse):
+            return admitted
+        if gen.inbound is None:
+            info.flags.add("NR")
+            return local_response(404, "no local application configured")
+        info.route_name = "inbound"
+        response = await gen.inbound.forward(req, info, retry=None, replayable=False)
+        if admitted:
+            response.headers.extend(admitted)
+        return response
+
+    def _serve_inbound_fast(self, head: RequestHead, down: Downstream) -> Awaitable[bool] | None:
+        """The inbound path for a request without a body (most of them) in one coroutine, the listener's
+        :data:`~authz.proxy.listener.FastPath`: the same steps as :meth:`_handle_inbound` with the upstream
+        try of ``Cluster.forward`` started in place (``Cluster.begin_now``) when a pooled connection is idle,
+        so the request costs no chain of coroutines. Declines (None) before any effect when there is no
+        local app, for HEAD, and when the authorizer must be awaited: the general path serves those."""
+        gen = self._gen
+        if gen.inbound is None or head.method == "HEAD":
+            return None
+        req = down.request(head)
+        info = StreamInfo(time.monotonic())
+        admitted = self._admit_inbound(gen, req, down.info, info)
+        if isinstance(admitted, Request):
+            return None  # nothing counted yet (check_now returned None): the general path awaits the check
+        return self._exchange_inbound(gen.inbound, head, req, info, admitted=admitted, down=down)
+
+    async def _exchange_inbound(
+        self,
+        cluster: Cluster,
+        head: RequestHead,
+        req: ProxyRequest,
+        info: StreamInfo,
+        *,
+        admitted: ProxyResponse | list[tuple[str, str]],
+        down: Downstream,
+    ) -> bool:
+        if isinstance(admitted, ProxyResponse):
+            kept = down.respond_now(head, req, admitted, info)
+            return kept if kept is not None else await down.respond(head, req, admitted, info)
+        info.route_name = "inbound"
+        started = cluster.begin_now(req, info)
+        if started is None:
+            response = await cluster.forward(req, info, retry=None, replayable=False)
+        else:
+            upstream, pool = started
+            try:
+                while (response_head := upstream.poll_head()) is None:
+                    await upstream.channel.wait()
+            except UpstreamError as exc:
+                pool.release(upstream)
+                if exc.sent_nothing:  # a stale pooled connection: the one resend forward allows
+                    response = await cluster.forward(req, info, retry=None, replayable=False, resent=True)
+                else:
+                    response = cluster.failure_response(exc.failure, info)
+            except BaseException:
+                upstream.close()
+                pool.release(upstream)
+                raise
+            else:
+                response = cluster.response(response_head, req, upstream, pool)
+        if admitted:
+            response.headers.extend(admitted)
+        kept = down.respond_now(head, req, response, info)
+        return kept if kept is not None else await down.respond(head, req, response, info)
+
+    def _admit_inbound(
+        self, gen: _Generation, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo
+    ) -> ProxyResponse | Request | list[tuple[str, str]]:
+        """An inbound request up to the authorizer's verdict, without waiting: the HCM's path normalization,
+        ``x-forwarded-client-cert`` and ``x-request-id``, then the check when the authorizer can decide
+        now. Returns the reply to send instead (a bad path, a deny), the headers an allow adds to the
+        response (forward the request), or the authorization request when the authorizer must be awaited
+        (then :meth:`_verdict`)."""
         try:  # the HCM normalizes before any filter: the authorizer and the app see the same path
             req.target = gen.paths.normalize(req.target)
         except MalformedRequest:
@@ -279,52 +364,58 @@ class Sidecar:
         req.headers = gen.xfcc.apply(req.headers, conn.peer.certificate if conn.tls else "")
         rid = self._request_id(req)
         info.request_id = rid
-        response_headers: list[tuple[str, str]] = []
         if self._allow_all:
             self._count_allow()
-        else:
-            source, destination = self._peers(gen, conn)
-            request = build_request(
-                method=req.method,
-                authority=req.authority,
-                target=req.target,
-                headers=req.headers,
-                scheme=req.scheme,
-                protocol=_PROTOCOLS.get(req.version) or f"HTTP/{req.version}",
-                source=source,
-                destination=destination,
-                request_id=rid,
-            )
-            try:
-                decision = self._check_now(request, self.workload) if self._check_now is not None else None
-                if decision is None:
-                    decision = await self.authorizer.check(request, self.workload)
-            except Exception as exc:  # fail closed unless told otherwise (Envoy failure_mode_allow)
-                log.warning("authorizer failed: %s", exc)
-                self._count_error()
-                s = gen.config.settings
-                if not s.authorizer.fail_open:
-                    info.flags.add("UAEX")
-                    return deny_response(
-                        error_decision("authorization service unavailable", s.authorizer.status_on_error)
-                    )
-            else:
-                if not decision.allowed:
-                    self._count_deny()
-                    info.flags.add("UAEX")
-                    return deny_response(decision)
-                self._count_allow()
-                ops = decision.headers
-                if ops.set or ops.append or ops.remove or ops.response:
-                    req.headers, response_headers = apply_allow(ops, req.headers)
-        if gen.inbound is None:
-            info.flags.add("NR")
-            return local_response(404, "no local application configured")
-        info.route_name = "inbound"
-        response = await gen.inbound.forward(req, info, retry=None, replayable=False)
-        if response_headers:
-            response.headers.extend(response_headers)
-        return response
+            return []
+        source, destination = self._peers(gen, conn)
+        request = build_request(
+            method=req.method,
+            authority=req.authority,
+            target=req.target,
+            headers=req.headers,
+            scheme=req.scheme,
+            protocol=_PROTOCOLS.get(req.version) or f"HTTP/{req.version}",
+            source=source,
+            destination=destination,
+            request_id=rid,
+        )
+        if self._check_now is None:
+            return request
+        try:
+            decision = self._check_now(request, self.workload)
+        except Exception as exc:
+            return self._authorizer_failed(gen, info, exc)
+        if decision is None:
+            return request
+        return self._verdict(req, info, decision)
+
+    def _verdict(
+        self, req: ProxyRequest, info: StreamInfo, decision: Decision
+    ) -> ProxyResponse | list[tuple[str, str]]:
+        """A deny's reply, or an allow's header changes applied to ``req`` (its response headers returned)."""
+        if not decision.allowed:
+            self._count_deny()
+            info.flags.add("UAEX")
+            return deny_response(decision)
+        self._count_allow()
+        ops = decision.headers
+        if ops.set or ops.append or ops.remove or ops.response:
+            req.headers, response_headers = apply_allow(ops, req.headers)
+            return response_headers
+        return []
+
+    def _authorizer_failed(
+        self, gen: _Generation, info: StreamInfo, exc: Exception
+    ) -> ProxyResponse | list[tuple[str, str]]:
+        """Fail closed unless told otherwise (Envoy ``failure_mode_allow``)."""
+        log.warning("authorizer failed: %s", exc)
+        self._count_error()
+        s = gen.config.settings
+        if s.authorizer.fail_open:
+            return []
+        info.flags.add("UAEX")
+        error = error_decision("authorization service unavailable", s.authorizer.status_on_error)
+        return deny_response(error)
 
     @staticmethod
     def _request_id(req: ProxyRequest) -> str:
