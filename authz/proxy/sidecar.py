@@ -138,8 +138,12 @@ class Sidecar:
         rng: random.Random | None = None,
         clock: Clock = monotonic_clock,
         metrics: ProxyMetrics | None = None,
+        fast_path: bool = True,
     ) -> None:
+        """``fast_path=False`` serves every inbound request through the general handler (the fast path's
+        oracle in differential tests)."""
         self.authorizer: Authorizer = authorizer or AllowAll()
+        self.fast_path = fast_path
         self.rng = rng or random.Random()
         self.clock = clock
         self.metrics = metrics or ProxyMetrics()
@@ -243,7 +247,7 @@ class Sidecar:
                 tls_mode=lambda: self._gen.inbound_mode,
                 ssl_context=lambda: self._server_ctx,
                 on_done=self._done_inbound,
-                fast=self._serve_inbound_fast,
+                fast=self._serve_inbound_fast if self.fast_path else None,
                 name="inbound",
             )
             await self.inbound.start()
