@@ -156,11 +156,13 @@ class _Parser:
     least it can: these run for every header of every request.
     """
 
+    _parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+
     def __init__(self, max_header_bytes: int, max_header_count: int) -> None:
         self.events: collections.deque[Event] = collections.deque()
         self._max_bytes = max_header_bytes
         self._max_count = max_header_count
-        self._in_head = False
+        self._in_head = True  # until a head completes, and again once its message has ended
         self._url = b""
         self._status = b""
         self._headers: list[tuple[str, str]] = []
@@ -169,15 +171,8 @@ class _Parser:
         self._failed = False
         self._limit_error: CodecError | None = None
 
-    # -- httptools callbacks -------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._url = b""
-        self._status = b""
-        self._headers = []
-        self._header_bytes = 0
-        self._fed_bytes = 0
-
+    # -- httptools callbacks (no on_message_begin: the state for the next head is reset as a head completes
+    # and as a message ends, one Python call less per message) ----------------------------------------
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_bytes += len(url)
@@ -209,27 +204,29 @@ class _Parser:
 
     def on_message_complete(self) -> None:
         self.events.append(END)
+        self._in_head = True
+        self._header_bytes = 0
+        self._fed_bytes = 0
 
     # -- helpers -------------------------------------------------------------------------------------
     def _limit(self, message: str) -> None:
         self._limit_error = CodecError(message, status=431, reason="headers_too_large")
         raise self._limit_error
 
-    def _feed(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes) -> None:
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; complete messages' events are queued on :attr:`events`."""
         if self._failed:
             return
         if len(data) <= FEED_SLICE:
-            self._feed_piece(parser, data)
+            self._feed_piece(data)
             return
         for start in range(0, len(data), FEED_SLICE):
-            if not self._feed_piece(parser, data[start : start + FEED_SLICE]):
+            if not self._feed_piece(data[start : start + FEED_SLICE]):
                 return
 
-    def _feed_piece(
-        self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, piece: bytes
-    ) -> bool:
+    def _feed_piece(self, piece: bytes) -> bool:
         try:
-            parser.feed_data(piece)
+            self._parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
             self._fail(CodecError("protocol upgrade and CONNECT are not supported", status=501))
             return False
@@ -304,59 +301,77 @@ class RequestParser(_Parser):
         max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
     ) -> None:
         super().__init__(max_header_bytes, max_header_count)
-        self._parser = httptools.HttpRequestParser(self)
-
-    def feed(self, data: bytes) -> None:
-        self._feed(self._parser, data)
+        self._parser: httptools.HttpRequestParser = httptools.HttpRequestParser(self)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        headers = self._headers
+        url, headers = self._url, self._headers
+        self._url = b""
+        self._headers = []
         parser = self._parser
         version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
-        hosts: list[str] = []
-        te: list[str] = []
-        cl: list[str] = []
-        expect: list[str] = []
-        upgrade = False
-        for k, v in [field for field in headers if field[0] in _REQUEST_SPECIAL]:
-            if k == "host":
-                hosts.append(v)
-            elif k == "content-length":
-                cl.append(v)
-            elif k == "transfer-encoding":
-                te.append(v)
-            elif k == "expect":
-                expect.append(v.strip().lower())
-            else:
-                upgrade = True
-        if method == "CONNECT" or upgrade:
-            # No tunnel mode yet; Envoy also refuses upgrades it was not configured for.
-            raise CodecError("protocol upgrade and CONNECT are not supported", status=501)
-        if (version == "1.1" and len(hosts) != 1) or len(hosts) > 1:
-            raise CodecError("a request needs exactly one Host header (RFC 9112 §3.2)")
-        if hosts and not valid_header_value(hosts[0]):
-            raise CodecError("malformed Host")
-        body, length = _framing(te, cl, version, request=True)
-        if expect and expect != ["100-continue"]:
-            raise CodecError("unsupported expectation", status=417)
+        special = [field for field in headers if field[0] in _REQUEST_SPECIAL]
+        if len(special) == 1 and special[0][0] == "host" and method != "CONNECT":
+            # The usual request: one Host, no body, no expectation, no upgrade.
+            host = special[0][1]
+            if "\r" in host or "\n" in host or "\0" in host:  # valid_header_value, inlined
+                raise CodecError("malformed Host")
+            body: Body = "none"
+            length = None
+            expect = False
+        else:
+            host, body, length, expect = _checked_request(method, version, special)
         self.events.append(
             Event(
                 "head",
                 RequestHead(
                     method,
-                    self._url.decode("latin-1"),
+                    url.decode("latin-1"),
                     version,
                     headers,
                     bool(parser.should_keep_alive()),
                     body,
                     length,
-                    bool(expect),
-                    hosts[0] if hosts else "",
+                    expect,
+                    host,
                 ),
             )
         )
+
+
+def _checked_request(
+    method: str, version: str, special: list[tuple[str, str]]
+) -> tuple[str, Body, int | None, bool]:
+    """The checks on a request head's ``Host``, framing, ``Expect`` and ``Upgrade`` fields (``special``, in
+    arrival order): (host, body framing, length, expects 100-continue). Raises :class:`CodecError`."""
+    hosts: list[str] = []
+    te: list[str] = []
+    cl: list[str] = []
+    expect: list[str] = []
+    upgrade = False
+    for k, v in special:
+        if k == "host":
+            hosts.append(v)
+        elif k == "content-length":
+            cl.append(v)
+        elif k == "transfer-encoding":
+            te.append(v)
+        elif k == "expect":
+            expect.append(v.strip().lower())
+        else:
+            upgrade = True
+    if method == "CONNECT" or upgrade:
+        # No tunnel mode yet; Envoy also refuses upgrades it was not configured for.
+        raise CodecError("protocol upgrade and CONNECT are not supported", status=501)
+    if (version == "1.1" and len(hosts) != 1) or len(hosts) > 1:
+        raise CodecError("a request needs exactly one Host header (RFC 9112 §3.2)")
+    if hosts and not valid_header_value(hosts[0]):
+        raise CodecError("malformed Host")
+    body, length = _framing(te, cl, version, request=True)
+    if expect and expect != ["100-continue"]:
+        raise CodecError("unsupported expectation", status=417)
+    return (hosts[0] if hosts else ""), body, length, bool(expect)
 
 
 class ResponseParser(_Parser):
@@ -369,16 +384,16 @@ class ResponseParser(_Parser):
         max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
     ) -> None:
         super().__init__(max_header_bytes, max_header_count)
-        self._parser = httptools.HttpResponseParser(self)
-
-    def feed(self, data: bytes) -> None:
-        self._feed(self._parser, data)
+        self._parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        headers = self._headers
-        status = int(self._parser.get_status_code())
-        version = self._parser.get_http_version()
+        reason, headers = self._status, self._headers
+        self._status = b""
+        self._headers = []
+        parser = self._parser
+        status = int(parser.get_status_code())
+        version = parser.get_http_version()
         if 100 <= status < 200 or status in (204, 304):
             body: Body = "none"
             length = None
@@ -393,10 +408,10 @@ class ResponseParser(_Parser):
                 "head",
                 ResponseHead(
                     status,
-                    self._status.decode("latin-1"),
+                    reason.decode("latin-1"),
                     version,
                     headers,
-                    bool(self._parser.should_keep_alive()),
+                    bool(parser.should_keep_alive()),
                     body,
                     length,
                 ),
