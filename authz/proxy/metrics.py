@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from authz.loop_metrics import Counter as LoopCounter
+from authz.loop_metrics import CounterChild, HistogramChild
 from authz.loop_metrics import Histogram as LoopHistogram
 
 __all__ = ["LABELS", "MAX_CACHED_SERIES", "ProxyMetrics"]
@@ -79,11 +80,17 @@ class ProxyMetrics:
     def record_values(self, values: tuple[str, ...], duration_ms: float) -> None:
         """Count one request; ``values`` in :data:`LABELS` order. The labelled children are looked up once
         per distinct series (``labels()`` costs several µs; the hot path pays a dict lookup)."""
+        series = self.series(values)
+        series[0].inc()
+        series[1].observe(duration_ms)
+
+    def series(self, values: tuple[str, ...]) -> tuple[CounterChild, HistogramChild]:
+        """The request counter and duration histogram of one label set (``values`` in :data:`LABELS`
+        order), looked up once per distinct set."""
         series = self._series.get(values)
         if series is None:
             if len(self._series) >= MAX_CACHED_SERIES:
                 self._series.clear()
             series = (self.requests.labels(*values), self.duration.labels(*values))
             self._series[values] = series
-        series[0].inc()
-        series[1].observe(duration_ms)
+        return series

@@ -111,6 +111,8 @@ def peer_authentication_mode(
     return mode
 
 
+MAX_SERIES_PER_CONNECTION = 32  # metric series a connection keeps at hand (by authority, status and flags)
+
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the request's ``protocol`` attribute, made once
 
 _OUTBOUND_REPLACED = frozenset({"x-request-id", XFCC_HEADER, *TRACE_HEADERS})
@@ -640,22 +642,33 @@ class Sidecar:
     def _record(self, reporter: str, req: ProxyRequest, conn: ConnectionInfo, info: StreamInfo) -> None:
         duration_ms = (time.monotonic() - info.start) * 1000
         flags = ",".join(sorted(info.flags)) if info.flags else "-"
-        namespace = self.workload.namespace
-        source = reporter == "source"
-        self.metrics.record_values(
-            (
-                reporter,
-                namespace if source else "unknown",
-                conn.peer.principal or "unknown",
-                req.authority or "unknown",
-                "unknown" if source else namespace,
-                "http",
-                str(info.status or 0),
-                flags,
-                "unknown" if source else ("mutual_tls" if conn.tls else "none"),
-            ),
-            duration_ms,
-        )
+        # The series by what varies per request, kept per connection (the rest of the labels are the
+        # connection's): no nine-label tuple to build and hash for every request.
+        per_connection = conn.cache.get(reporter)
+        if per_connection is None:
+            per_connection = conn.cache[reporter] = {}
+        key = (req.authority, info.status, flags)
+        series = per_connection.get(key)
+        if series is None:
+            namespace = self.workload.namespace
+            source = reporter == "source"
+            series = self.metrics.series(
+                (
+                    reporter,
+                    namespace if source else "unknown",
+                    conn.peer.principal or "unknown",
+                    req.authority or "unknown",
+                    "unknown" if source else namespace,
+                    "http",
+                    str(info.status or 0),
+                    flags,
+                    "unknown" if source else ("mutual_tls" if conn.tls else "none"),
+                )
+            )
+            if len(per_connection) < MAX_SERIES_PER_CONNECTION:
+                per_connection[key] = series
+        series[0].inc()
+        series[1].observe(duration_ms)
         if self.config.settings.access_log:
             access_log.info(
                 access_log_line(

@@ -30,7 +30,7 @@ def request_id(existing: str | None) -> str:
     """The client's id when it is sane (printable, at most 128 chars), else a random UUID-shaped one."""
     if existing and len(existing) <= 128 and existing.isprintable():
         return existing
-    h = f"{_ids.getrandbits(128):032x}"
+    h = _ids.randbytes(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{h[16:20]}-{h[20:]}"
 
 
