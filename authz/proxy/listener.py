@@ -415,8 +415,9 @@ class Downstream:
         self, head: RequestHead, request: ProxyRequest, response: ProxyResponse, stream: StreamInfo
     ) -> bool:
         """Write ``response`` to ``request``, then log and count it; returns whether to keep the connection
-        open."""
-        keep = head.keep_alive and not self.listener.closing
+        open. A request body left unread (a deny before it was read) ends the connection, and the response
+        says so (``connection: close``, as Envoy's HCM does for an incomplete request; RFC 9112 §9.3)."""
+        keep = head.keep_alive and not self.listener.closing and self._body_done
         try:
             keep = await self._write_response(head, response, stream, keep)
         except (ConnectionError, OSError, DownstreamClosed):
@@ -428,9 +429,7 @@ class Downstream:
             self.abort = True  # truncated upstream body: reset the client rather than end it cleanly
             keep = False
         self._done(request, stream)
-        if not self._body_done:
-            keep = False  # the rest of an unread body is still on the wire: close (RFC 9112 §9.3)
-        return keep
+        return keep and self._body_done  # the body may have ended unread only while streaming the response
 
     def _done(self, request: ProxyRequest, stream: StreamInfo) -> None:
         on_done = self.listener.on_done
@@ -452,7 +451,7 @@ class Downstream:
         data = response.body.take_all()
         if data is None:
             return None
-        keep = head.keep_alive and not self.listener.closing
+        keep = head.keep_alive and not self.listener.closing and self._body_done
         out, no_body, _, keep = _frame(head, response, stream, keep)
         try:
             if no_body:
@@ -468,7 +467,7 @@ class Downstream:
             stream.flags.add("DC")
             keep = False
         self._done(request, stream)
-        return keep and self._body_done
+        return keep
 
     async def _write_response(
         self, head: RequestHead, resp: ProxyResponse, stream: StreamInfo, keep: bool
