@@ -33,7 +33,14 @@ from authz.proxy.http1 import (
     serialize_response_head,
     strip_hop_by_hop,
 )
-from authz.proxy.message import ProxyRequest, ProxyResponse, RequestBody, StreamInfo, local_response
+from authz.proxy.message import (
+    ProxyRequest,
+    ProxyResponse,
+    RequestBody,
+    StreamInfo,
+    local_response,
+    reason_phrase,
+)
 from authz.proxy.mtls import PeerIdentity, peer_identity
 from authz.proxy.pool import UpstreamError
 
@@ -263,7 +270,8 @@ def _frame(
         keep = False  # HTTP/1.0 client, unknown length: the end of the body is the end of the connection
     if not keep:
         headers.append(("connection", "close"))
-    return serialize_response_head(status, resp.reason, headers), no_body, chunked, keep
+    # Envoy writes its own reason phrase for the status, whatever the upstream's was (REASON_PHRASES).
+    return serialize_response_head(status, reason_phrase(status), headers), no_body, chunked, keep
 
 
 class Downstream:

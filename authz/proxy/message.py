@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "REASON_PHRASES",
     "BytesBody",
     "ProxyRequest",
     "ProxyResponse",
@@ -18,6 +19,7 @@ __all__ = [
     "ResponseBody",
     "StreamInfo",
     "local_response",
+    "reason_phrase",
 ]
 
 
@@ -162,31 +164,75 @@ class StreamInfo:
     attempts: int = 0
 
 
-_REASONS = {  # the phrases Envoy writes for its local replies (redirects and direct responses included)
+REASON_PHRASES = {
+    # Envoy's ``CodeUtility::toString`` (source/common/http/codes.cc): the phrase Envoy writes on every
+    # HTTP/1 status line, its own replies and proxied responses alike (an upstream's phrase is not kept;
+    # checked against Envoy 1.40 in test_proxy_reason_oracle.py). Any other code is "Unknown".
+    100: "Continue",
+    101: "Switching Protocols",
     200: "OK",
     201: "Created",
     202: "Accepted",
+    203: "Non-Authoritative Information",
     204: "No Content",
+    205: "Reset Content",
+    206: "Partial Content",
+    207: "Multi-Status",
+    208: "Already Reported",
+    226: "IM Used",
+    300: "Multiple Choices",
     301: "Moved Permanently",
     302: "Found",
     303: "See Other",
     304: "Not Modified",
+    305: "Use Proxy",
     307: "Temporary Redirect",
     308: "Permanent Redirect",
     400: "Bad Request",
-    403: "Forbidden",
     401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
     404: "Not Found",
+    405: "Method Not Allowed",
+    406: "Not Acceptable",
+    407: "Proxy Authentication Required",
     408: "Request Timeout",
+    409: "Conflict",
+    410: "Gone",
+    411: "Length Required",
+    412: "Precondition Failed",
     413: "Payload Too Large",
+    414: "URI Too Long",
+    415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     417: "Expectation Failed",
+    421: "Misdirected Request",
+    422: "Unprocessable Entity",
+    423: "Locked",
+    424: "Failed Dependency",
+    425: "Too Early",
+    426: "Upgrade Required",
+    428: "Precondition Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+    506: "Variant Also Negotiates",
+    507: "Insufficient Storage",
+    508: "Loop Detected",
+    510: "Not Extended",
+    511: "Network Authentication Required",
+    599: "Last Unassigned Server Error Code",
 }
+
+
+def reason_phrase(status: int) -> str:
+    """The reason phrase Envoy writes for ``status`` (:data:`REASON_PHRASES`, else "Unknown")."""
+    return REASON_PHRASES.get(status, "Unknown")
 
 
 def local_response(
@@ -201,4 +247,4 @@ def local_response(
     hdrs = list(headers or [])
     if data and not any(k == "content-type" for k, _ in hdrs):
         hdrs.append(("content-type", content_type))
-    return ProxyResponse(status, _REASONS.get(status, "Unknown"), hdrs, BytesBody(data), length=len(data))
+    return ProxyResponse(status, reason_phrase(status), hdrs, BytesBody(data), length=len(data))

@@ -218,8 +218,9 @@ class ThreadedUpstream:
     request line and raw header list of every request. Shared by a real Envoy and our proxy in the oracle
     tests: it runs outside the test's event loop, so either can reach it while the loop waits.
 
-    ``/status/<code>`` answers that status (no body for 204/304); ``/hop-response`` answers with hop-by-hop
-    fields; anything else answers 200 with a short body.
+    ``/status/<code>`` answers that status (no body for 204/304), with the reason phrase "Made Up Phrase"
+    under ``/status/<code>/odd-reason``; ``/hop-response`` answers with hop-by-hop fields; anything else
+    answers 200 with a short body.
     """
 
     def __init__(self) -> None:
@@ -243,12 +244,13 @@ class ThreadedUpstream:
                 target = self.raw_requestline.decode("latin-1").split(" ")[1]
                 seen.append((self.command, target, [(k.lower(), v) for k, v in self.headers.items()]))
                 status, headers, body = 200, [("content-type", "text/plain")], b"upstream-body"
+                phrase = "Made Up Phrase" if self.path.endswith("/odd-reason") else None
                 if self.path.startswith("/status/"):
                     status = int(self.path.split("/")[2])
                     body = b"" if status in (204, 304) else b"status-body"
                 elif self.path == "/hop-response":
                     headers += [("connection", "x-secret"), ("x-secret", "1"), ("keep-alive", "timeout=5")]
-                self.send_response(status)
+                self.send_response(status, phrase)
                 for k, v in headers:
                     self.send_header(k, v)
                 if status not in (204, 304):

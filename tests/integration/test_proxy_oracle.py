@@ -333,6 +333,29 @@ SAME = {
 }
 
 
+async def _status_line(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        async with asyncio.timeout(5):
+            return await reader.readline()
+    finally:
+        writer.close()
+
+
+async def test_reason_phrases_are_envoys_not_the_upstreams(oracle: Oracle, ours: int) -> None:
+    """Envoy writes its own reason phrase on the status line (its code table; "Unknown" off it) and never
+    relays the upstream's: every final status from 200 to 599, sent with an odd phrase by the upstream."""
+    mismatches = []
+    for code in range(200, 600):
+        raw = request("GET", f"/status/{code}/odd-reason")
+        envoy, mine = await _status_line(oracle.envoy_port, raw), await _status_line(ours, raw)
+        assert envoy.startswith(f"HTTP/1.1 {code} ".encode()), envoy
+        if mine != envoy:
+            mismatches.append((code, envoy, mine))
+    assert mismatches == [], "\n".join(map(repr, mismatches))
+
+
 @pytest.mark.parametrize("raw", list(SAME.values()), ids=list(SAME))
 async def test_same_answer_as_envoy(oracle: Oracle, ours: int, raw: bytes) -> None:
     envoy = await exchange(oracle.envoy_port, oracle.upstream, raw)
