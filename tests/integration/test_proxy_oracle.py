@@ -356,6 +356,37 @@ async def test_reason_phrases_are_envoys_not_the_upstreams(oracle: Oracle, ours:
     assert mismatches == [], "\n".join(map(repr, mismatches))
 
 
+async def _head_fields(port: int, raw: bytes) -> dict[str, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+
+
+@pytest.mark.parametrize(
+    ("raw", "closes"),
+    [
+        (b"POST /nothing HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 3\r\n\r\nabc", True),
+        (b"POST /nothing HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\n", True),
+        (b"GET /nothing HTTP/1.1\r\nHost: app.example.com\r\n\r\n", False),
+    ],
+    ids=["body-sent-unread", "body-not-sent", "no-body"],
+)
+async def test_a_reply_before_the_body_is_read_says_connection_close(
+    oracle: Oracle, ours: int, raw: bytes, closes: bool
+) -> None:
+    """Envoy's HCM ends an HTTP/1 connection whose request is not complete when the response starts (a local
+    reply at the headers, here no route), and says so; a keep-alive client must not pipeline behind it."""
+    envoy, mine = await _head_fields(oracle.envoy_port, raw), await _head_fields(ours, raw)
+    assert (envoy.get("connection") == "close") is closes
+    assert mine.get("connection") == envoy.get("connection")
+
+
 @pytest.mark.parametrize("raw", list(SAME.values()), ids=list(SAME))
 async def test_same_answer_as_envoy(oracle: Oracle, ours: int, raw: bytes) -> None:
     envoy = await exchange(oracle.envoy_port, oracle.upstream, raw)
