@@ -38,7 +38,14 @@ from authz.proxy.pool import (
 )
 from authz.proxy.retry import Failure, Outcome, backoff, should_retry
 
-__all__ = ["TLS_MODE_LABEL", "Cluster", "ClusterKey", "ClusterManager", "UnknownService"]
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "TLS_MODE_LABEL",
+    "Cluster",
+    "ClusterKey",
+    "ClusterManager",
+    "UnknownService",
+]
 
 TLS_MODE_LABEL = "security.istio.io/tlsMode"  # Istio auto-mTLS: endpoints labelled "istio" have a sidecar
 
@@ -56,6 +63,9 @@ class ClusterKey:
     @property
     def name(self) -> str:  # Istio's cluster name: outbound|port|subset|host
         return f"outbound|{self.port or ''}|{self.subset}|{self.host}"
+
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2
 
 
 def _local_failure(status: int, flag: str, reason: str, info: StreamInfo) -> ProxyResponse:
@@ -148,7 +158,7 @@ class Cluster:
         """Send ``request`` with retries; the response body streams from the pooled connection.
 
         ``resent``: a try of :meth:`begin_now` already found its pooled connection closed by the server and
-        this is the one resend that allows (a stale connection sent nothing: resending is no retry)."""
+        this is the one resend :meth:`may_resend` allows."""
         info.upstream_cluster = self.name
         tried: list[str] = []
         retries_done = 0
@@ -180,7 +190,7 @@ class Cluster:
             except UpstreamError as exc:
                 if conn is not None:
                     pool.release(conn)
-                if exc.sent_nothing and not stale_resent and can_retry:
+                if not stale_resent and can_retry and self.may_resend(request, exc):
                     stale_resent = True  # a pooled connection the server had closed: resend once, not a retry
                     continue
                 outcome = Outcome(failure=exc.failure)
@@ -250,6 +260,14 @@ class Cluster:
         info.upstream_host = endpoint.key
         info.attempts += 1
         return conn, pool
+
+    @staticmethod
+    def may_resend(request: ProxyRequest, error: UpstreamError) -> bool:
+        """A pooled connection closed before any byte of a response came back (the server gave up on it
+        as we reused it): the request may be sent once more on a fresh connection, when its method is
+        idempotent. A proxy must not retry a non-idempotent request by itself (RFC 9110 §9.2.2, RFC 9112
+        §9.3.1): the server may have acted on it before closing."""
+        return error.sent_nothing and request.method in IDEMPOTENT_METHODS
 
     @staticmethod
     def failure_response(failure: Failure | None, info: StreamInfo) -> ProxyResponse:

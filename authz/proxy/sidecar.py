@@ -339,7 +339,7 @@ class Sidecar:
                     await upstream.channel.wait()
             except UpstreamError as exc:
                 pool.release(upstream)
-                if exc.sent_nothing:  # a stale pooled connection: the one resend forward allows
+                if cluster.may_resend(req, exc):  # a stale pooled connection: the one resend forward allows
                     response = await cluster.forward(req, info, retry=None, replayable=False, resent=True)
                 else:
                     response = cluster.failure_response(exc.failure, info)

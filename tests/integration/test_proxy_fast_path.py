@@ -643,6 +643,26 @@ async def test_a_stale_pooled_connection_is_resent_once_on_a_fresh_one(drop: str
     ]
 
 
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_a_non_idempotent_request_on_a_stale_connection_is_not_resent(method: str) -> None:
+    """The same stale connection under a non-idempotent request (no body: the fast path's case for POST is
+    an empty one): a proxy must not retry it by itself (RFC 9110 §9.2.2, RFC 9112 §9.3.1), so the client
+    gets 503 UC, on both paths."""
+
+    async def app() -> App:
+        return await ScriptedApp(served_once, drop_reused="close").start()
+
+    requests = [request("GET", "/one"), request(method, "/two")]
+    fast, general = await differential(requests=requests, app=app)
+    assert fast.statuses == [200, 503]
+    assert [seen[1] for seen in fast.app] == ["/one"]
+    assert b"reset reason: connection termination" in fast.client
+    assert [(f["target"], f.get("resent", False)) for f in general.forwards] == [
+        ("/one", False),
+        ("/two", False),
+    ]
+
+
 async def test_an_app_closing_after_each_answer_serves_every_request_once() -> None:
     async def app() -> App:
         return await ScriptedApp(closes_after_answering).start()
