@@ -310,7 +310,13 @@ class Sidecar:
             return None
         req = down.request(head)
         info = StreamInfo(time.monotonic())
-        admitted = self._admit_inbound(gen, req, down.info, info)
+        try:
+            admitted: ProxyResponse | Request | list[tuple[str, str]] = self._admit_inbound(
+                gen, req, down.info, info
+            )
+        except Exception:  # as the listener does for a handler that raises
+            log.exception("inbound: handler failed")
+            admitted = local_response(500, "internal error")
         if isinstance(admitted, Request):
             return None  # nothing counted yet (check_now returned None): the general path awaits the check
         return self._exchange_inbound(gen.inbound, head, req, info, admitted=admitted, down=down)
@@ -326,31 +332,40 @@ class Sidecar:
         down: Downstream,
     ) -> bool:
         if isinstance(admitted, ProxyResponse):
-            kept = down.respond_now(head, req, admitted, info)
-            return kept if kept is not None else await down.respond(head, req, admitted, info)
-        info.route_name = "inbound"
-        started = cluster.begin_now(req, info)
-        if started is None:
-            response = await cluster.forward(req, info, retry=None, replayable=False)
+            response = admitted
         else:
-            upstream, pool = started
+            # cluster.forward(req, info) without retries, its one try started in place when a pooled
+            # connection is idle (Cluster.begin_now), awaited here: no coroutine below this one.
             try:
-                while (response_head := upstream.poll_head()) is None:
-                    await upstream.channel.wait()
-            except UpstreamError as exc:
-                pool.release(upstream)
-                if cluster.may_resend(req, exc):  # a stale pooled connection: the one resend forward allows
-                    response = await cluster.forward(req, info, retry=None, replayable=False, resent=True)
+                info.route_name = "inbound"
+                started = cluster.begin_now(req, info)
+                if started is None:
+                    response = await cluster.forward(req, info, retry=None, replayable=False)
                 else:
-                    response = cluster.failure_response(exc.failure, info)
-            except BaseException:
-                upstream.close()
-                pool.release(upstream)
-                raise
+                    upstream, pool = started
+                    try:
+                        while (response_head := upstream.poll_head()) is None:
+                            await upstream.channel.wait()
+                    except UpstreamError as exc:
+                        pool.release(upstream)
+                        if cluster.may_resend(req, exc):  # a stale pooled connection: resent once
+                            response = await cluster.forward(
+                                req, info, retry=None, replayable=False, resent=True
+                            )
+                        else:
+                            response = cluster.failure_response(exc.failure, info)
+                    except BaseException:
+                        upstream.close()
+                        pool.release(upstream)
+                        raise
+                    else:
+                        response = cluster.response(response_head, req, upstream, pool)
+            except Exception:  # as the listener does for a handler that raises
+                log.exception("inbound: handler failed")
+                response = local_response(500, "internal error")
             else:
-                response = cluster.response(response_head, req, upstream, pool)
-        if admitted:
-            response.headers.extend(admitted)
+                if admitted:
+                    response.headers.extend(admitted)
         kept = down.respond_now(head, req, response, info)
         return kept if kept is not None else await down.respond(head, req, response, info)
 
