@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint fmt bench demo soak clean
+NATIVE := authz/proxy/_native.json
+NATIVE_SOURCES := $(wildcard authz/proxy/*.py) authz/native.py tools/build_native.py
+
+.PHONY: run test lint fmt bench demo soak clean native
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,17 +16,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+## native: compile the proxy's data path with mypyc (authz/native.py); without a C compiler it stays Python
+native: $(NATIVE)
+$(NATIVE): $(STAMP) $(NATIVE_SOURCES)
+	@mkdir -p build
+	@$(BIN)/python tools/build_native.py > build/native.log 2>&1 \
+		&& tail -n 1 build/native.log \
+		|| echo "warning: the mypyc build failed (build/native.log): the proxy runs as pure Python"
+
 ## run: start the local mesh (mock IdP, authorizer, demo services) on loopback
-run: $(STAMP)
+run: $(STAMP) $(NATIVE)
 	$(BIN)/authz run
 
 ## demo: walk through the story against the mesh `make run` started (in another terminal)
-demo: $(STAMP)
+demo: $(STAMP) $(NATIVE)
 	$(BIN)/authz demo
 
-## test: lint, type-check and run every test
-test: $(STAMP) lint
+## test: lint, type-check and run every test (the proxy's tests also against its pure-Python build)
+test: $(STAMP) $(NATIVE) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	MESHAUTHZ_PURE_PYTHON=1 $(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit/proxy $(wildcard tests/integration/test_proxy_*.py)
 
 ## lint: ruff and mypy (strict) on the package
 lint: $(STAMP)
@@ -36,12 +48,13 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 ## bench: benchmarks with ratio tables against real Envoy measured in the same run
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE)
 	$(BIN)/python -m bench
 
 ## soak: the reliability suite with 10x the load and durations (on demand, not in CI)
-soak: $(STAMP)
+soak: $(STAMP) $(NATIVE)
 	MESHAUTHZ_SOAK=1 $(BIN)/python -m pytest -m reliability tests/reliability
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -f authz/proxy/*.so $(NATIVE)

@@ -220,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     if results:
         print(load_table(results, duration_s=duration, repeat=args.repeat, connections=args.connections))
+        if any(r.spec.id.startswith("4") and not r.spec.id.startswith("4p") for r in results):
+            import authz.native
+            import authz.proxy  # importing the package decides which build runs
+
+            print(f"Rows 4a-4c ran the bundled proxy's data path {authz.native.status()} (authz/native.py).")
         print()
     for name, title in (
         ("policy", "Policy evaluation alone (one decision)"),

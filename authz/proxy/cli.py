@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from authz import native
 from authz.errors import AuthzError, ConfigErrors
 from authz.eventloop import run as run_loop
 from authz.proxy.authz_client import AllowAll, Authorizer, GrpcAuthorizer
@@ -84,6 +85,7 @@ async def run(path: Path, *, watch: bool = True) -> int:
     ):
         if listener is not None:
             log.info("%s listener on %s:%d", name, listener.host, listener.port)
+    log.info("data path: %s", native.status())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):

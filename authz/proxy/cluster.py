@@ -12,6 +12,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from authz.clock import Clock, monotonic_clock
 from authz.proxy.http1 import ResponseHead, strip_hop_by_hop
 from authz.proxy.lb import Endpoint, LoadBalancer
@@ -75,6 +77,7 @@ def _local_failure(status: int, flag: str, reason: str, info: StreamInfo) -> Pro
     )
 
 
+@mypyc_attr(native_class=False)  # a regular class even compiled (authz.native): its methods can be wrapped
 class Cluster:
     """One upstream cluster. ``rng`` and ``clock`` are injected so tests can drive picks and ejections."""
 
