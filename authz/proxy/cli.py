@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from authz import native
 from authz.errors import AuthzError, ConfigErrors
 from authz.eventloop import run as run_loop
+from authz.native import status as build_status
 from authz.proxy.authz_client import AllowAll, Authorizer, GrpcAuthorizer
 from authz.proxy.loader import load_sidecar_config
 from authz.proxy.settings import SidecarConfig
@@ -85,7 +85,7 @@ async def run(path: Path, *, watch: bool = True) -> int:
     ):
         if listener is not None:
             log.info("%s listener on %s:%d", name, listener.host, listener.port)
-    log.info("data path: %s", native.status())
+    log.info("data path: %s", build_status())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError):
