@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-NATIVE := authz/proxy/_native.json
-NATIVE_SOURCES := $(wildcard authz/proxy/*.py) authz/native.py tools/build_native.py
+NATIVE := authz/_native.json
+NATIVE_SOURCES := $(shell find authz -name '*.py') tools/build_native.py
 
 .PHONY: run test lint fmt bench demo soak clean native
 
@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-## native: compile the proxy's data path with mypyc (authz/native.py); without a C compiler it stays Python
+## native: compile the per-request modules with mypyc (authz/native.py); without a C compiler they stay Python
 native: $(NATIVE)
 $(NATIVE): $(STAMP) $(NATIVE_SOURCES)
 	@mkdir -p build
 	@$(BIN)/python tools/build_native.py > build/native.log 2>&1 \
 		&& tail -n 1 build/native.log \
-		|| echo "warning: the mypyc build failed (build/native.log): the proxy runs as pure Python"
+		|| echo "warning: the mypyc build failed (build/native.log): everything runs as pure Python"
 
 ## run: start the local mesh (mock IdP, authorizer, demo services) on loopback
 run: $(STAMP) $(NATIVE)
@@ -32,10 +32,10 @@ run: $(STAMP) $(NATIVE)
 demo: $(STAMP) $(NATIVE)
 	$(BIN)/authz demo
 
-## test: lint, type-check and run every test (the proxy's tests also against its pure-Python build)
+## test: lint, type-check and run every test; the unit and proxy tests again on the pure-Python build
 test: $(STAMP) $(NATIVE) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	MESHAUTHZ_PURE_PYTHON=1 $(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit/proxy $(wildcard tests/integration/test_proxy_*.py)
+	MESHAUTHZ_PURE_PYTHON=1 $(BIN)/python -m pytest $(PYTEST_ARGS) tests/unit $(wildcard tests/integration/test_proxy_*.py)
 
 ## lint: ruff and mypy (strict) on the package
 lint: $(STAMP)
@@ -57,4 +57,5 @@ soak: $(STAMP) $(NATIVE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
-	rm -f authz/proxy/*.so $(NATIVE)
+	find authz -name '*.so' -delete
+	rm -f $(NATIVE)

@@ -39,6 +39,8 @@ def value_builder(cls: type[T]) -> Callable[..., T]:
         raise TypeError(f"{cls.__name__} is not a frozen dataclass")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__")
+    if "__mypyc_attrs__" in cls.__dict__:
+        return cls  # compiled with mypyc (authz.native): its own constructor is the fast one
     slotted = "__slots__" in cls.__dict__
     namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_UNSET": _UNSET, "_set": _SET}
     params: list[str] = []

@@ -1,14 +1,14 @@
-"""The proxy's data path compiled with mypyc, and the guard that never lets a stale build run.
+"""The per-request code compiled with mypyc, and the guard that never lets a stale build run.
 
 ``make`` compiles the modules in :data:`COMPILED` with mypyc (``tools/build_native.py``): the same typed
-sources, as C extension modules next to them, plus a manifest of the SHA-256 of each source they were
-built from. Python loads an extension module in preference to its source, so :func:`guard` runs first (from
-``authz/proxy/__init__.py``, before any of those modules is imported): unless the manifest matches every
-source as it is now, those modules load from source. Changing a source file therefore never runs old
-compiled code; ``make`` rebuilds.
+sources, as C extension modules next to them (one shared library, ``authz/_native__mypyc``), plus a
+manifest of the SHA-256 of each source they were built from. Python loads an extension module in
+preference to its source, so :func:`guard` runs first (from ``authz/__init__.py``, before any of those
+modules can be imported): unless the manifest matches every source as it is now, they all load from source.
+Changing a source file therefore never runs old compiled code; ``make`` rebuilds.
 
-``MESHAUTHZ_PURE_PYTHON=1`` loads the sources even when the build is fresh (the test suite runs the proxy's
-tests both ways). Without a C compiler or mypyc there is no build and everything runs as pure Python.
+``MESHAUTHZ_PURE_PYTHON=1`` loads the sources even when the build is fresh (``make test`` runs the tests of
+these modules both ways). Without a C compiler or mypyc there is no build and everything is pure Python.
 """
 
 from __future__ import annotations
@@ -27,32 +27,47 @@ from types import ModuleType
 __all__ = ["COMPILED", "MANIFEST", "PURE_PYTHON_ENV", "SourceFirst", "guard", "manifest_for", "status"]
 
 COMPILED = (
-    "http1",
-    "channel",
-    "pool",
-    "listener",
-    "message",
-    "cluster",
-    "sidecar",
-    "telemetry",
-    "xfcc",
-    "paths",
-    "metrics",
+    # the bundled proxy's data path: codec, connections, listener, sidecar and their helpers
+    "authz.proxy.http1",
+    "authz.proxy.channel",
+    "authz.proxy.pool",
+    "authz.proxy.listener",
+    "authz.proxy.message",
+    "authz.proxy.cluster",
+    "authz.proxy.sidecar",
+    "authz.proxy.telemetry",
+    "authz.proxy.xfcc",
+    "authz.proxy.paths",
+    "authz.proxy.metrics",
+    # a warm check: the engine, authentication from the verified-token cache, evaluation
+    "authz.engine",
+    "authz.authn.authenticator",
+    "authz.policy.evaluate",
+    "authz.policy.normalize",
+    "authz.identity.peer",
+    "authz.loop_metrics",
+    # the HTTP ext_authz front
+    "authz.server.http_ext_authz",
 )
-"""The modules of ``authz.proxy`` compiled: the per-request path (codec, connections, listener, sidecar)."""
+"""The modules compiled, by name: what runs for every request."""
 MANIFEST = "_native.json"
 PURE_PYTHON_ENV = "MESHAUTHZ_PURE_PYTHON"
 
 _status = ["pure Python (not built)"]  # set by guard()
 
 
+def _source(root: Path, module: str) -> Path:
+    """The source file of ``module`` (a dotted name under the package whose directory is ``root``)."""
+    return root.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def manifest_for(package_dir: Path, modules: Sequence[str]) -> dict[str, str]:
+def manifest_for(root: Path, modules: Sequence[str]) -> dict[str, str]:
     """The manifest of a build of ``modules``: each source's SHA-256, by module name."""
-    return {name: _digest(package_dir / f"{name}.py") for name in modules}
+    return {name: _digest(_source(root, name)) for name in modules}
 
 
 class SourceFirst(importlib.abc.MetaPathFinder):
@@ -70,35 +85,34 @@ class SourceFirst(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
-def _reason_not_to_use(package_dir: Path, modules: Sequence[str]) -> str:
+def _reason_not_to_use(root: Path, modules: Sequence[str]) -> str:
     """Why the compiled modules must not be used ("" when they may)."""
     if os.environ.get(PURE_PYTHON_ENV) == "1":
         return f"{PURE_PYTHON_ENV}=1"
     suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    if not any((package_dir / f"{name}{suffix}").exists() for name in modules for suffix in suffixes):
+    if not any(_source(root, name).with_suffix(suffix).exists() for name in modules for suffix in suffixes):
         return "not built"
     try:
-        built = json.loads((package_dir / MANIFEST).read_text())
+        built = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return "no manifest"
-    if not isinstance(built, dict) or built.get("modules") != manifest_for(package_dir, modules):
+    if not isinstance(built, dict) or built.get("modules") != manifest_for(root, modules):
         return "stale: a source changed since the build (run make)"
     return ""
 
 
-def guard(package: str, package_dir: Path, modules: Sequence[str] = COMPILED) -> bool:
-    """Decide, before they are imported, whether ``package``'s ``modules`` run compiled; when not, make them
-    load from source. Returns True when the compiled build is used."""
-    reason = _reason_not_to_use(package_dir, modules)
+def guard(root: Path, modules: Sequence[str] = COMPILED) -> bool:
+    """Decide, before any of them is imported, whether ``modules`` (dotted names under the package whose
+    directory is ``root``) run compiled; when not, make them all load from source. True when compiled."""
+    reason = _reason_not_to_use(root, modules)
     if not reason:
         _status[0] = "compiled (mypyc)"
         return True
     _status[0] = f"pure Python ({reason})"
-    finder = SourceFirst({f"{package}.{name}": package_dir / f"{name}.py" for name in modules})
-    sys.meta_path.insert(0, finder)
+    sys.meta_path.insert(0, SourceFirst({name: _source(root, name) for name in modules}))
     return False
 
 
 def status() -> str:
-    """How the proxy's data path runs: "compiled (mypyc)" or "pure Python (<why>)"."""
+    """How the per-request code runs: "compiled (mypyc)" or "pure Python (<why>)"."""
     return _status[0]

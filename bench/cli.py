@@ -221,10 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if results:
         print(load_table(results, duration_s=duration, repeat=args.repeat, connections=args.connections))
         if any(r.spec.id.startswith("4") and not r.spec.id.startswith("4p") for r in results):
-            import authz.native
-            import authz.proxy  # importing the package decides which build runs
+            import authz.native  # importing the package decided which build runs
 
-            print(f"Rows 4a-4c ran the bundled proxy's data path {authz.native.status()} (authz/native.py).")
+            print(f"Rows 4a-4c ran the per-request modules {authz.native.status()} (authz/native.py).")
         print()
     for name, title in (
         ("policy", "Policy evaluation alone (one decision)"),

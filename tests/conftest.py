@@ -4,8 +4,7 @@ from __future__ import annotations
 
 
 def pytest_report_header() -> str:
-    """Which build of the proxy's data path the tests exercise (authz/native.py)."""
-    import authz.native
-    import authz.proxy  # importing the package decides the build
+    """Which build of the per-request modules the tests exercise (authz/native.py)."""
+    import authz.native  # importing the package decided the build
 
-    return f"meshauthz proxy data path: {authz.native.status()}"
+    return f"meshauthz per-request modules: {authz.native.status()}"

@@ -7,17 +7,10 @@ connection; pure pickers in :mod:`lb`, :mod:`retry`, :mod:`outlier`; the HTTP/1.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from authz.native import guard
-
-# Before any of its modules is imported: the compiled build runs only if it matches the sources.
-guard(__name__, Path(__file__).parent)
-
-from authz.proxy.authz_client import AllowAll, Authorizer, GrpcAuthorizer  # noqa: E402 (after the guard)
-from authz.proxy.loader import load_sidecar_config, parse_resources  # noqa: E402
-from authz.proxy.settings import ProxySettings, SidecarConfig  # noqa: E402
-from authz.proxy.sidecar import Sidecar  # noqa: E402
+from authz.proxy.authz_client import AllowAll, Authorizer, GrpcAuthorizer
+from authz.proxy.loader import load_sidecar_config, parse_resources
+from authz.proxy.settings import ProxySettings, SidecarConfig
+from authz.proxy.sidecar import Sidecar
 
 __all__ = [
     "AllowAll",

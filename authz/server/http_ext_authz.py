@@ -385,8 +385,6 @@ def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
 class HttpExtAuthzProtocol(asyncio.Protocol):
     """One connection from Envoy's HTTP ext_authz client. Requests are answered in order."""
 
-    _planned = True  # decode header fields through a plan per name sequence (False: one by one, for tests)
-
     # Slots: the parser callbacks read and write these on every header of every check.
     __slots__ = (
         "_bad_header",
@@ -401,6 +399,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_malformed",
         "_parser",
         "_peer",
+        "_planned",
         "_queue",
         "_raw",
         "_received",
@@ -419,8 +418,12 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         registry: set[HttpExtAuthzProtocol] | None = None,
         *,
         check_now: CheckerNow | None = None,
+        planned: bool = True,
     ) -> None:
         self._check = check
+        # Header fields decoded through a plan per sequence of names (False: one by one, the reference the
+        # tests compare the plans with).
+        self._planned = planned
         # Decides a check without waiting, or returns None when it would have to (Engine.check_now); then
         # ``check`` decides it. Without one, every check goes through ``check``.
         self._check_now = check_now

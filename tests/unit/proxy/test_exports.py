@@ -78,7 +78,7 @@ def test_proxy_imports_only_shared_values_and_siblings() -> None:
         # Envoy's HCM path normalization: the proxy forwards exactly the path the engine matches policies
         # against, so both must use this one implementation (a pure function, no policy internals).
         "authz.policy.normalize",
-        "authz.native",  # which build of the proxy's modules runs (compiled or source), decided on import
+        "authz.native",  # which build of the per-request modules runs (compiled or source): logged
     )
     for path in Path(authz.proxy.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
