@@ -2,9 +2,10 @@
 
 ``make`` compiles the modules in :data:`COMPILED` with mypyc (``tools/build_native.py``): the same typed
 sources, as C extension modules next to them (one shared library, ``authz/_native__mypyc``), plus a
-manifest of the SHA-256 of each source they were built from. Python loads an extension module in
-preference to its source, so :func:`guard` runs first (from ``authz/__init__.py``, before any of those
-modules can be imported): unless the manifest matches every source as it is now, they all load from source.
+manifest of the SHA-256 of each source they were built from and of all the package's sources. Python
+loads an extension module in preference to its source, so :func:`guard` runs first (from
+``authz/__init__.py``, before any of those modules can be imported): unless the manifest matches the
+sources as they are now, they all load from source.
 Changing a source file therefore never runs old compiled code; ``make`` rebuilds.
 
 ``MESHAUTHZ_PURE_PYTHON=1`` loads the sources even when the build is fresh (``make test`` runs the tests of
@@ -65,9 +66,18 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def manifest_for(root: Path, modules: Sequence[str]) -> dict[str, str]:
-    """The manifest of a build of ``modules``: each source's SHA-256, by module name."""
-    return {name: _digest(_source(root, name)) for name in modules}
+def manifest_for(root: Path, modules: Sequence[str]) -> dict[str, object]:
+    """The manifest of a build of ``modules``: each source's SHA-256 by module name, and one SHA-256 over
+    every source of the package (compiled code relies on the types of the modules it imports, compiled or
+    not: any change there makes the build stale too)."""
+    package = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        package.update(f"{path.relative_to(root)}\0".encode())
+        package.update(path.read_bytes())
+    return {
+        "modules": {name: _digest(_source(root, name)) for name in modules},
+        "package": package.hexdigest(),
+    }
 
 
 class SourceFirst(importlib.abc.MetaPathFinder):
@@ -96,7 +106,7 @@ def _reason_not_to_use(root: Path, modules: Sequence[str]) -> str:
         built = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return "no manifest"
-    if not isinstance(built, dict) or built.get("modules") != manifest_for(root, modules):
+    if built != manifest_for(root, modules):
         return "stale: a source changed since the build (run make)"
     return ""
 

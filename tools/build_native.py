@@ -33,7 +33,7 @@ def main() -> int:
         ext_modules=mypycify(sources, opt_level="3", group_name="authz._native"),
         script_args=["build_ext", "--inplace", "--build-temp", "build/native"],
     )
-    manifest = {"modules": manifest_for(package, COMPILED)}
+    manifest = manifest_for(package, COMPILED)
     (package / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     print(f"compiled {len(COMPILED)} modules with mypyc")
     return 0

@@ -32,7 +32,8 @@ def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
     (pkg / "__init__.py").write_text("")
     (pkg / "mod.py").write_text("WHERE = 'source'\n")
     (pkg / f"mod{SUFFIX}").write_bytes(b"not an extension module")
-    (pkg / MANIFEST).write_text(json.dumps({"modules": manifest_for(pkg, ["nativepkg.mod"])}))
+    (pkg / "other.py").write_text("NOT_COMPILED = 1\n")
+    (pkg / MANIFEST).write_text(json.dumps(manifest_for(pkg, ["nativepkg.mod"])))
     monkeypatch.syspath_prepend(str(root))
     finders, status = list(sys.meta_path), authz.native.status()
     yield "nativepkg", pkg
@@ -60,6 +61,15 @@ def test_a_changed_source_loads_from_source_not_the_stale_build(package: tuple[s
     assert module.__file__ == str(pkg / "mod.py")
 
 
+def test_a_change_to_a_module_not_compiled_makes_the_build_stale_too(package: tuple[str, Path]) -> None:
+    """Compiled code relies on the types of what it imports: any source of the package invalidates it."""
+    name, pkg = package
+    (pkg / "other.py").write_text("NOT_COMPILED: str = 'a changed type'\n")
+    assert guard(pkg, [f"{name}.mod"]) is False
+    assert authz.native.status().startswith("pure Python (stale")
+    assert importlib.import_module(f"{name}.mod").WHERE == "source"
+
+
 def test_the_environment_forces_source(package: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     name, pkg = package
     monkeypatch.setenv(PURE_PYTHON_ENV, "1")
@@ -76,7 +86,8 @@ def test_a_build_without_its_manifest_is_not_trusted(package: tuple[str, Path], 
     elif broken == "not json":
         (pkg / MANIFEST).write_text("{")
     else:
-        (pkg / MANIFEST).write_text(json.dumps({"modules": {"nativepkg.mod": "0" * 64}}))
+        built = json.loads((pkg / MANIFEST).read_text())
+        (pkg / MANIFEST).write_text(json.dumps({**built, "modules": {"nativepkg.mod": "0" * 64}}))
     assert guard(pkg, [f"{name}.mod"]) is False
     assert importlib.import_module(f"{name}.mod").WHERE == "source"
 
