@@ -294,18 +294,24 @@ def request_from_fields(
     peer: tuple[str, int],
     settings: HttpCheckSettings,
     planned: bool = True,
+    size_bound: int | None = None,
 ) -> Request:
     """:func:`build_request` from the raw header fields of one message, a flat ``[name, value, ...]`` list
     as llhttp split them. Raises :class:`MalformedRequest` (too many or too large headers, non-UTF-8
-    values). ``planned=False`` decodes field by field: same answer, the reference for tests."""
-    if len(raw) > 2 * MAX_HEADER_COUNT or len(b"".join(raw)) > MAX_HEADERS_BYTES:
+    values). ``planned=False`` decodes field by field: same answer, the reference for tests.
+    ``size_bound``: bytes the caller knows the fields fit in (the one read the whole message came in);
+    at most ``MAX_HEADERS_BYTES``, it spares summing them."""
+    if len(raw) > 2 * MAX_HEADER_COUNT or (
+        (size_bound is None or size_bound > MAX_HEADERS_BYTES) and len(b"".join(raw)) > MAX_HEADERS_BYTES
+    ):
         raise MalformedRequest("request headers too large")
     plan = _plan_for(tuple(raw[0::2])) if planned else None
     try:
         if plan is None:
             headers, trusted = _decode_one_by_one(raw)
             return build_request(method, raw_path, headers, peer=peer, settings=settings, trusted=trusted)
-        headers = dict(zip(plan.plain_keys, _texts(plan.plain_values(raw)), strict=False))
+        # The plan's keys and the values it picks are as many (no strict= either: a keyword costs here).
+        headers = dict(zip(plan.plain_keys, _texts(plan.plain_values(raw))))  # noqa: B905
         keys = plan.trusted_keys
         values = plan.trusted_values(raw)
         if settings.trust_envoy_headers and keys:
@@ -388,6 +394,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     # Slots: the parser callbacks read and write these on every header of every check.
     __slots__ = (
         "_bad_header",
+        "_begun_in",
         "_body_bytes",
         "_check",
         "_check_now",
@@ -402,6 +409,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_planned",
         "_queue",
         "_raw",
+        "_read_size",
+        "_reads",
         "_received",
         "_registry",
         "_settings",
@@ -432,6 +441,9 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._in_message = False
         self._in_body = False
         self._received = 0  # bytes of the current message so far (data_received)
+        self._reads = 0  # reads so far (data_received), and the size of the last one
+        self._read_size = 0
+        self._begun_in = 0  # the read the current message began in
         self._settings = settings
         self._malformed = malformed
         self._parser = httptools.HttpRequestParser(self)
@@ -462,6 +474,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._fail(_TOO_LARGE_BODY if self._in_body else _TOO_LARGE_HEAD)
             return
         self._received = received
+        self._reads += 1
+        self._read_size = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -503,6 +517,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._begun_in = self._reads
         self._in_body = False
         self._url = b""
         self._raw = []
@@ -533,6 +548,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         self._received = 0
+        # A message that began in this read is no larger than it: then its fields need not be summed.
+        size_bound = self._read_size if self._begun_in == self._reads else None
         keep_alive = self._parser.should_keep_alive() and not self._stopping
         item: Request | MalformedRequest
         if self._error is not None:
@@ -542,7 +559,13 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                 method = self._parser.get_method().decode("ascii")
                 path = self._url.decode("utf-8")
                 item = request_from_fields(
-                    method, path, self._raw, peer=self._peer, settings=self._settings, planned=self._planned
+                    method,
+                    path,
+                    self._raw,
+                    peer=self._peer,
+                    settings=self._settings,
+                    planned=self._planned,
+                    size_bound=size_bound,
                 )
             except UnicodeDecodeError:
                 item = MalformedRequest("path is not valid UTF-8")

@@ -272,3 +272,24 @@ def test_allow_head_is_rebuilt_for_each_header_ops_value() -> None:
         b"x-u: 2\r\nx-authz-decision-id: i2\r\n\r\n"
     )
     assert encode_response(one, keep_alive=False).count(b"connection: close") == 1
+
+
+def test_header_size_limit_holds_across_reads_and_pipelining() -> None:
+    """The fields' size is summed unless the whole message arrived in one read no larger than the limit:
+    a message that began in an earlier read (behind a pipelined one) is summed whatever the last read's
+    size, so a small final read never waves an oversize message through."""
+    from authz.server.limits import MAX_HEADERS_BYTES
+
+    first = b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n"
+    big = b"GET /ok HTTP/1.1\r\nx-big: " + b"v" * (MAX_HEADERS_BYTES - 4) + b"\r\n\r\n"  # one byte over
+    fits = b"GET /ok HTTP/1.1\r\nx-big: " + b"v" * (MAX_HEADERS_BYTES - 5) + b"\r\n\r\n"
+    for second, refused in ((big, True), (fits, False)):
+        stream = first + second
+        for cut in (len(first), len(first) + 10, len(stream) - 100, len(stream) - 2, len(stream) - 1):
+            for cls in (HttpExtAuthzProtocol, one_by_one):
+                seen, out = run(cls, [stream[:cut], stream[cut:]])
+                answers = out.split(b"HTTP/1.1 ")[1:]
+                assert len(answers) == 2, (cut, cls)
+                assert answers[0].startswith(b"200 ")
+                assert answers[1].startswith(b"400 ") == refused, (cut, cls)
+                assert len(seen) == (1 if refused else 2)
