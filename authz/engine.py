@@ -43,7 +43,7 @@ from authz.request import EMPTY_MAP, Request, RequestAuth, Workload
 from authz.snapshot import Snapshot
 from authz.workload import resolve_workload
 
-__all__ = ["Engine", "remote_ip"]
+__all__ = ["PER_REQUEST_HEADERS", "Engine", "remote_ip"]
 
 log = logging.getLogger("authz.engine")
 
@@ -81,6 +81,12 @@ _Prepared = tuple[Request, PeerIdentity, str, tuple[JwtRule, ...]]
 # built for, whether the tokens are sender-constrained (bindings to check per check), the decision.
 _DecisionEntry = tuple[PolicyResult, AuthnResult, str, str, bool, Decision]
 _build_decision = value_builder(Decision)  # Decision(...) at half the cost: one per check
+# What check_again keeps for a request value: the value, the snapshot, peer trust, mesh and default workload
+# it was decided under, its workload, its prepared form, its authentication outcome and the decision.
+_Replay = tuple[
+    Request, Snapshot, PeerTrust, MeshConfig, Workload, Workload, _Prepared, AuthnResult, Decision
+]
+MAX_CACHED_REPLAYS = 1024
 
 
 def remote_ip(request: Request, num_trusted_proxies: int) -> str:
@@ -95,6 +101,33 @@ def remote_ip(request: Request, num_trusted_proxies: int) -> str:
     if len(hops) < num_trusted_proxies:
         return request.source.address
     return hops[-num_trusted_proxies]
+
+
+PER_REQUEST_HEADERS = frozenset(
+    {
+        "x-request-id",
+        "x-client-trace-id",
+        "traceparent",
+        "tracestate",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "x-ot-span-context",
+        "uber-trace-id",
+        "sw8",
+        "grpc-trace-bin",
+        "x-cloud-trace-context",
+        "x-amzn-trace-id",
+        "x-datadog-trace-id",
+        "x-datadog-parent-id",
+        "x-datadog-sampling-priority",
+    }
+)
+"""Headers that carry a per-request identifier (request ids, trace context): different on every check,
+read by nothing in a check unless a policy or rule names them (:meth:`Engine.ignorable_headers`)."""
 
 
 class Engine:
@@ -130,12 +163,31 @@ class Engine:
         self._identities: dict[int, tuple[AuthnResult, str, Mapping[str, Any], bool]] = {}
         self._rules: dict[int, tuple[Workload, Snapshot, tuple[JwtRule, ...]]] = {}
         self._decisions: dict[int, _DecisionEntry] = {}
+        self._ignorable: tuple[Snapshot, PeerTrust, frozenset[str]] | None = None
+        self._replays: dict[int, _Replay] = {}  # check_again: id(request) -> what it keeps
         self._id_prefix = os.urandom(4).hex()
         self._id_head = f"{self._id_prefix}-"
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    def ignorable_headers(self) -> frozenset[str]:
+        """The :data:`PER_REQUEST_HEADERS` whose values no check can depend on now: neither a policy, a
+        jwtRule (:meth:`Snapshot.headers_read`) nor the peer-identity settings (the XFCC header) read
+        them, and nothing else in a check (decision log included) reads headers. A front may therefore
+        answer a check from a memo of an earlier request that differs only in their values (the HTTP
+        front does, :class:`authz.server.http_ext_authz.TranslationMemo`). Kept per policy set and
+        settings; the same object is returned while they do not change."""
+        snapshot, trust = self._snapshot, self.peer_trust
+        kept = self._ignorable
+        if kept is not None and kept[0] is snapshot and kept[1] is trust:
+            return kept[2]
+        ignorable = PER_REQUEST_HEADERS - snapshot.headers_read() - {trust.xfcc_key}
+        if kept is not None and kept[2] == ignorable:
+            ignorable = kept[2]  # unchanged: the same object, so memos built on it stay
+        self._ignorable = (snapshot, trust, ignorable)
+        return ignorable
 
     def swap(self, snapshot: Snapshot) -> None:
         """Put a new, already validated and compiled, policy set in force (atomic reference swap)."""
@@ -192,6 +244,63 @@ class Engine:
             if authn is None:
                 return None
             decision = self._conclude(snapshot, workload, prepared, authn)
+        except Exception as exc:  # every failure is a deny (_failure logs bugs)
+            decision = self._failure(exc)
+        return self._account(decision, request, workload, started)
+
+    def check_again(self, request: Request) -> Decision | None:
+        """:meth:`check_now` for a request value its caller presents again (the HTTP front's
+        :class:`~authz.server.http_ext_authz.TranslationMemo` does), deciding it the same way.
+
+        What depends only on the value and the settings in force is kept with it: its workload, its peer
+        identity, normalized path and jwtRules, and the decision for its authentication outcome. A repeat
+        re-authenticates (the authenticator checks token expiry and key trust, every time) and, while that
+        gives the same outcome, takes the kept decision with a new id and is counted like any check. Kept
+        only when the peer identity cannot depend on the time (no certificate, no XFCC) and the tokens
+        are not sender-constrained (their bindings are checked per check)."""
+        started = time.perf_counter()
+        snapshot = self._snapshot
+        kept = self._replays.get(id(request))
+        if (
+            kept is not None
+            and kept[0] is request
+            and kept[1] is snapshot
+            and kept[2] is self.peer_trust
+            and kept[3] is self.mesh
+            and kept[4] is self.default_workload
+        ):
+            prepared = kept[6]
+            try:
+                again = self.authenticator.authenticate_now(prepared[0], prepared[3])
+            except Exception:  # decided below by the full path, which meets the same error
+                again = None
+            if again is not None and again is kept[7]:
+                return self._account(with_decision_id(kept[8], self._next_id()), request, kept[5], started)
+        workload = self._workload(request)
+        try:
+            prepared = self._prepare(snapshot, request, workload)
+            authn = self.authenticator.authenticate_now(prepared[0], prepared[3])
+            if authn is None:
+                return None
+            outcome = self._outcome(snapshot, workload, prepared, authn)
+            if isinstance(outcome, Decision):
+                decision = outcome
+            else:
+                decision = with_decision_id(outcome[5], self._next_id())
+                if not outcome[4] and _peer_is_timeless(request, self.peer_trust):
+                    if len(self._replays) >= MAX_CACHED_REPLAYS:
+                        self._replays.clear()
+                    self._replays[id(request)] = (
+                        request,  # held: its id stays unique while kept
+                        snapshot,
+                        self.peer_trust,
+                        self.mesh,
+                        self.default_workload,
+                        workload,
+                        prepared,
+                        authn,
+                        outcome[5],
+                    )
         except Exception as exc:  # every failure is a deny (_failure logs bugs)
             decision = self._failure(exc)
         return self._account(decision, request, workload, started)
@@ -285,6 +394,15 @@ class Engine:
         self, snapshot: Snapshot, workload: Workload, prepared: _Prepared, authn: AuthnResult
     ) -> Decision:
         """Steps 3 (its outcome ``authn``) and 4 of a check: credentials, bindings, policies, decision."""
+        outcome = self._outcome(snapshot, workload, prepared, authn)
+        if isinstance(outcome, Decision):
+            return outcome
+        return with_decision_id(outcome[5], self._next_id())
+
+    def _outcome(
+        self, snapshot: Snapshot, workload: Workload, prepared: _Prepared, authn: AuthnResult
+    ) -> Decision | _DecisionEntry:
+        """:meth:`_conclude` up to the id: a credential deny, or the kept decision for the outcome."""
         request, peer, path, _ = prepared
         # 3. Credentials: RequestAuthentication semantics (authz.authn).
         if authn.error is not None:
@@ -311,7 +429,7 @@ class Engine:
                 _check_bindings(authn, peer.principal, peer.certificate_thumbprint)
             except CredentialError as exc:
                 return _credential_decision(exc, peer.principal, path, self._next_id())
-        return with_decision_id(entry[5], self._next_id())
+        return entry
 
     def _remember_decision(
         self, result: PolicyResult, authn: AuthnResult, principal: str, path: str
@@ -363,6 +481,13 @@ class Engine:
             self._rules.clear()
         entry = self._rules[id(workload)] = (workload, snapshot, snapshot.jwt_rules_for(workload))
         return entry
+
+
+def _peer_is_timeless(request: Request, trust: PeerTrust) -> bool:
+    """Whether the peer identity of ``request`` is a function of the request alone: no certificate and no
+    XFCC to check against the clock (:func:`resolve_peer_identity`)."""
+    http = request.http
+    return not request.source.certificate and (http is None or trust.xfcc_key not in http.headers)
 
 
 def _is_bound(token: VerifiedToken) -> bool:

@@ -63,6 +63,25 @@ class Snapshot:
         """Every jwtRule of every RequestAuthentication (to start key fetching ahead of traffic)."""
         return tuple(rule for ra in self.request_authentications for rule in ra.jwt_rules)
 
+    def headers_read(self) -> frozenset[str]:
+        """The (lower-case) names of every request header a check under this policy set may read: those
+        AuthorizationPolicy rules match (``request.headers[...]``, in any clause) and the jwtRules' token
+        locations (their headers; ``cookie`` when a rule reads cookies). Query parameters are part of the
+        path."""
+        names: set[str] = set()
+        for policy in self.policies.policies:
+            for rule in policy.rules or ():
+                clauses = (*(rule.sources or ()), *(rule.operations or ()), rule.conditions)
+                for clause in clauses:
+                    for match in clause:
+                        if match.attribute == "request.headers" and match.key:
+                            names.add(match.key[0].lower())
+        for jwt_rule in self.all_jwt_rules():
+            names.update(header.name.lower() for header in jwt_rule.headers)
+            if jwt_rule.from_cookies:
+                names.add("cookie")
+        return frozenset(names)
+
     def describe(self) -> dict[str, Any]:
         kinds: dict[str, int] = {}
         for r in self.resources:

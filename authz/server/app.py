@@ -32,7 +32,7 @@ from authz.server.grpc_h2 import (
     GrpcStatusError,
     serve_grpc_h2,
 )
-from authz.server.http_ext_authz import HttpCheckServer, HttpCheckSettings, serve_http
+from authz.server.http_ext_authz import HttpCheckServer, HttpCheckSettings, TranslationMemo, serve_http
 
 __all__ = [
     "CHECK_METHOD",
@@ -192,6 +192,8 @@ class Server:
                 malformed=self.engine.malformed,
                 reuse_port=opts.reuse_port,
                 check_now=self.engine.check_now,  # answered from the parser callback when nothing waits
+                # a check repeating an earlier one but for its request id skips translation
+                memo=TranslationMemo(self.engine.ignorable_headers, self.engine.check_again),
             )
             self.http_port = self._http.sockets[0].getsockname()[1]
         if opts.admin_addr:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import httptools
 from authz.decision import Decision, HeaderOps, value_builder
 from authz.errors import MalformedRequest
 from authz.metrics import INTERNAL_ERRORS
-from authz.request import HttpAttributes, Peer, Request
+from authz.request import EMPTY_MAP, HttpAttributes, Peer, Request
 from authz.server.graceful import GracefulServer
 from authz.server.grpc_ext_authz import Checker, denied_body, internal_error_decision
 from authz.server.limits import MAX_HEADER_COUNT, MAX_HEADERS_BYTES, MAX_PATH_BYTES
@@ -43,6 +44,7 @@ __all__ = [
     "HttpCheckServer",
     "HttpCheckSettings",
     "HttpExtAuthzProtocol",
+    "TranslationMemo",
     "serve_http",
 ]
 
@@ -190,6 +192,7 @@ def _assemble(
         http=_build_http(method=method, host=host, path=path, headers=headers, validated=True),
         sni=sni,
         context_extensions=ext,
+        metadata=EMPTY_MAP,  # given: a default factory is one more Python call per check
     )
 
 
@@ -388,6 +391,71 @@ def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
     return b"".join(head) + body
 
 
+# -- The translation memo --------------------------------------------------------------------------------
+# Behind one Envoy, consecutive checks repeat their bytes except a request id and trace context. A read that
+# held exactly one whole check without a body is remembered by its bytes with those values cut out, with
+# the Request it translated to; a later read equal to it but for those values is answered with that
+# Request: no parsing, decoding or building. Sound because (1) only the values of headers the engine says
+# no check reads (Engine.ignorable_headers) are left out, and only while it still says so; (2) equal
+# remaining bytes at equal positions frame the same single message (a cut value holds no CR or LF), so the
+# Request is the one the parser would build but for those values; (3) a cut value must be printable ASCII
+# (what llhttp and the UTF-8 decoding accept, and less), and a read no larger than the header limit; (4) it
+# is decided at once, in the same callback (no reload in between), by Engine.check_again (check_now for a
+# request value seen before); a check that must wait takes the full path.
+MAX_MEMO_ENTRIES = 1024
+_NOT_PLAIN = re.compile(rb"[^\t\x20-\x7e]")  # what a cut value may not hold: controls, DEL, non-ASCII
+
+
+class TranslationMemo:
+    """Reads of one whole check, by their bytes less the values of ignorable headers, and the Request each
+    translated to (see the comment above); shared by the connections of one server (one ``settings``)."""
+
+    __slots__ = ("_ignorable", "check_again", "entries", "names")
+
+    def __init__(self, ignorable: Callable[[], frozenset[str]], check_again: CheckerNow) -> None:
+        self._ignorable = ignorable  # Engine.ignorable_headers
+        self.check_again = check_again  # Engine.check_again: check_now for a request value seen before
+        self.names: frozenset[str] = frozenset()
+        self.entries: dict[tuple[object, ...], tuple[Request, bool, tuple[str, int] | None]] = {}
+
+    def ignorable_now(self) -> frozenset[str]:
+        """The engine's ignorable headers now; when they changed, every entry is dropped."""
+        names = self._ignorable()
+        if names is not self.names:
+            if names != self.names:
+                self.entries.clear()
+            self.names = names
+        return names
+
+    def store(
+        self, key: tuple[object, ...], request: Request, keep_alive: bool, peer: tuple[str, int]
+    ) -> None:
+        # A source taken from the connection (no marked source address from Envoy) binds the entry to it.
+        bound = peer if (request.source.address, request.source.port) == peer else None
+        if len(self.entries) >= MAX_MEMO_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = (request, keep_alive, bound)
+
+
+def _memo_key(data: bytes, needles: tuple[bytes, ...]) -> tuple[object, ...] | None:
+    """``data`` cut around the value of each ``needles`` line (``\r\n<name>:``, in order), or None when one
+    is missing or its value is not plain (see :data:`_NOT_PLAIN`)."""
+    parts: list[object] = [needles]
+    start = 0
+    for needle in needles:
+        at = data.find(needle, start)
+        if at < 0:
+            return None
+        value_at = at + len(needle)
+        end = data.find(b"\r\n", value_at)
+        if end < 0 or _NOT_PLAIN.search(data, value_at, end) is not None:
+            return None
+        parts.append(data[start:value_at])
+        start = end
+    parts.append(data[start:])
+    return tuple(parts)
+
+
 class HttpExtAuthzProtocol(asyncio.Protocol):
     """One connection from Envoy's HTTP ext_authz client. Requests are answered in order."""
 
@@ -404,6 +472,11 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_in_body",
         "_in_message",
         "_malformed",
+        "_memo",
+        "_memo_hit",
+        "_memo_key",
+        "_needles",
+        "_needles_for",
         "_parser",
         "_peer",
         "_planned",
@@ -428,8 +501,15 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         *,
         check_now: CheckerNow | None = None,
         planned: bool = True,
+        memo: TranslationMemo | None = None,
     ) -> None:
         self._check = check
+        # Answers a read that repeats an earlier check but for its request id (only with check_now).
+        self._memo = memo if check_now is not None else None
+        self._memo_key: tuple[object, ...] | None = None  # this read's, while it may be remembered
+        self._memo_hit: tuple[Request, bool] | None = None  # the read's one check, once translated
+        self._needles: tuple[bytes, ...] = ()  # b"\r\n<name>:" of the ignorable headers this peer sends
+        self._needles_for: frozenset[str] = frozenset()
         # Header fields decoded through a plan per sequence of names (False: one by one, the reference the
         # tests compare the plans with).
         self._planned = planned
@@ -467,6 +547,40 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             self._peer = (str(peer[0]), int(peer[1]))
 
     def data_received(self, data: bytes) -> None:
+        memo = self._memo
+        if (
+            memo is not None
+            and not self._in_message  # the read starts a message: the parser waits between two
+            and not self._queue
+            and not self._draining
+            and not self._stopping
+            and not self._closing
+            and len(data) <= MAX_HEADERS_BYTES
+        ):
+            if memo.ignorable_now() is not self._needles_for:
+                self._needles, self._needles_for = (), memo.names  # relearnt by the next full parse
+            key = _memo_key(data, self._needles) if self._needles else None
+            if key is None:
+                self._needles = ()  # a learnt header missing or a value not plain: learn again
+            else:
+                entry = memo.entries.get(key)
+                if (
+                    entry is not None
+                    and (entry[2] is None or entry[2] == self._peer)
+                    and self._answer_now(entry[0], entry[1], memo.check_again)
+                ):
+                    return
+                self._memo_key = key
+        self._feed(data)
+        key = self._memo_key
+        if key is not None:
+            self._memo_key = None
+            hit = self._memo_hit
+            if hit is not None and memo is not None and not self._in_message:
+                memo.store(key, hit[0], hit[1], self._peer)
+            self._memo_hit = None
+
+    def _feed(self, data: bytes) -> None:
         # httptools buffers a header value until its end, whatever its size: bound what one message may
         # make us hold (counted from its start; pipelined messages undercount by at most one read).
         received = self._received + len(data)
@@ -571,23 +685,46 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                 item = MalformedRequest("path is not valid UTF-8")
             except MalformedRequest as exc:
                 item = exc
+        if self._memo is not None:
+            self._remember(item, keep_alive)
         if self._draining or self._queue or not self._answer_now(item, keep_alive):
             self._queue.append((item, keep_alive))
             if not self._draining:
                 self._draining = True
                 run_eagerly(self._drain())
 
-    def _answer_now(self, item: Request | MalformedRequest, keep_alive: bool) -> bool:
+    def _remember(self, item: Request | MalformedRequest, keep_alive: bool) -> None:
+        """The memo's side of a full parse: learn which ignorable headers this peer sends (unless known),
+        and keep the check for the read's key when it is the read's only message, has no body and
+        translated."""
+        if self._memo_key is not None:
+            if self._memo_hit is None and self._body_bytes == 0 and isinstance(item, Request):
+                self._memo_hit = (item, keep_alive)
+            else:  # a second message in the read, a body, or a malformed check: not remembered
+                self._memo_key = None
+                self._memo_hit = None
+        if not self._needles and isinstance(item, Request) and self._memo is not None:
+            names = self._memo.ignorable_now()
+            self._needles_for = names
+            self._needles = tuple(
+                b"\r\n" + name + b":" for name in self._raw[0::2] if name.decode("latin-1").lower() in names
+            )
+
+    def _answer_now(
+        self, item: Request | MalformedRequest, keep_alive: bool, check_now: CheckerNow | None = None
+    ) -> bool:
         """Answer ``item`` from this callback when it can be decided without waiting (a malformed request,
-        or ``check_now`` decided it); False when it must wait its turn in the queue. Only called with
-        nothing queued, so answers stay in request order (RFC 9112 §9.3.2)."""
+        or ``check_now``, by default the connection's, decided it); False when it must wait its turn in the
+        queue. Only called with nothing queued, so answers stay in request order (RFC 9112 §9.3.2)."""
+        if check_now is None:
+            check_now = self._check_now
         try:
             if isinstance(item, MalformedRequest):
                 decision = self._malformed(item)
-            elif self._check_now is None:
+            elif check_now is None:
                 return False
             else:
-                decision_now = self._check_now(item)
+                decision_now = check_now(item)
                 if decision_now is None:
                     return False
                 decision = decision_now
@@ -690,14 +827,16 @@ async def serve_http(
     reuse_port: bool = False,
     sock: Any = None,
     check_now: CheckerNow | None = None,
+    memo: TranslationMemo | None = None,
 ) -> HttpCheckServer:
     """Serve Envoy's HTTP ext_authz checks. ``check_now`` (e.g. ``Engine.check_now``), when given, answers
-    the checks it can decide without waiting from the parser callback, with no coroutine per check."""
+    the checks it can decide without waiting from the parser callback, with no coroutine per check; with
+    a ``memo`` too, a check that repeats an earlier one but for its request id skips translation."""
     loop = asyncio.get_running_loop()
     connections: set[HttpExtAuthzProtocol] = set()
 
     def protocol() -> HttpExtAuthzProtocol:
-        return HttpExtAuthzProtocol(check, settings, malformed, connections, check_now=check_now)
+        return HttpExtAuthzProtocol(check, settings, malformed, connections, check_now=check_now, memo=memo)
 
     if sock is not None:
         server = await loop.create_server(protocol, sock=sock, backlog=1024)
