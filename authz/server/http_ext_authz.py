@@ -437,21 +437,33 @@ class TranslationMemo:
         self.entries[key] = (request, keep_alive, bound)
 
 
+def _value_span(data: bytes, needle: bytes, start: int) -> tuple[int, int] | None:
+    """Where the value of the first ``needle`` line from ``start`` begins and ends, or None when there is
+    none or the value is not plain (see :data:`_NOT_PLAIN`)."""
+    at = data.find(needle, start)
+    if at < 0:
+        return None
+    value_at = at + len(needle)
+    end = data.find(b"\r\n", value_at)
+    if end < 0 or _NOT_PLAIN.search(data, value_at, end) is not None:
+        return None
+    return value_at, end
+
+
 def _memo_key(data: bytes, needles: tuple[bytes, ...]) -> tuple[object, ...] | None:
     """``data`` cut around the value of each ``needles`` line (``\r\n<name>:``, in order), or None when one
-    is missing or its value is not plain (see :data:`_NOT_PLAIN`)."""
+    is missing or its value is not plain."""
+    if len(needles) == 1:  # the usual case (a request id alone), without the list
+        span = _value_span(data, needles[0], 0)
+        return None if span is None else (needles, data[: span[0]], data[span[1] :])
     parts: list[object] = [needles]
     start = 0
     for needle in needles:
-        at = data.find(needle, start)
-        if at < 0:
+        span = _value_span(data, needle, start)
+        if span is None:
             return None
-        value_at = at + len(needle)
-        end = data.find(b"\r\n", value_at)
-        if end < 0 or _NOT_PLAIN.search(data, value_at, end) is not None:
-            return None
-        parts.append(data[start:value_at])
-        start = end
+        parts.append(data[start : span[0]])
+        start = span[1]
     parts.append(data[start:])
     return tuple(parts)
 
