@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
+
+from mypy_extensions import mypyc_attr
 
 from authz.request import EMPTY_MAP
 
@@ -19,6 +21,10 @@ __all__ = [
     "with_decision_id",
 ]
 
+# This module is compiled (authz.native), for with_decision_id; its classes stay regular Python classes
+# (native_class=False): a compiled frozen dataclass is built by its generated __init__ storing each native
+# attribute through object.__setattr__, slower than value_builder, and Decision keeps the instance dict
+# that with_decision_id copies.
 T = TypeVar("T")
 _UNSET: Any = object()
 _SET = object.__setattr__  # what a frozen dataclass's own __init__ uses to store a field
@@ -76,21 +82,23 @@ def value_builder(cls: type[T]) -> Callable[..., T]:
     return build
 
 
+@mypyc_attr(native_class=False)
 class Reason:
     """Stable snake_case reason codes. Metrics labels and JSON bodies use these strings."""
 
-    ALLOWED_NO_POLICY = "allowed_no_policy"
-    ALLOWED_BY_POLICY = "allowed_by_policy"
-    DENIED_BY_POLICY = "denied_by_policy"  # a DENY rule matched
-    NO_ALLOW_MATCH = "no_allow_match"  # ALLOW policies exist, none matched
-    INVALID_TOKEN = "invalid_token"
-    UNKNOWN_ISSUER = "unknown_issuer"
-    AUDIENCE_NOT_ALLOWED = "audience_not_allowed"
-    MALFORMED_REQUEST = "malformed_request"
-    INTERNAL_ERROR = "internal_error"
-    DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
+    ALLOWED_NO_POLICY: Final = "allowed_no_policy"
+    ALLOWED_BY_POLICY: Final = "allowed_by_policy"
+    DENIED_BY_POLICY: Final = "denied_by_policy"  # a DENY rule matched
+    NO_ALLOW_MATCH: Final = "no_allow_match"  # ALLOW policies exist, none matched
+    INVALID_TOKEN: Final = "invalid_token"
+    UNKNOWN_ISSUER: Final = "unknown_issuer"
+    AUDIENCE_NOT_ALLOWED: Final = "audience_not_allowed"
+    MALFORMED_REQUEST: Final = "malformed_request"
+    INTERNAL_ERROR: Final = "internal_error"
+    DEPENDENCY_UNAVAILABLE: Final = "dependency_unavailable"
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class TraceEntry:
     """One step of an evaluation: a policy (and rule) the engine considered, and what decided it.
@@ -111,6 +119,7 @@ class TraceEntry:
         return self.policy if self.rule is None else f"{self.policy}-rule[{self.rule}]"
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class ShadowResult:
     """Outcome of the dry-run (``istio.io/dry-run``) policies: never enforced, only reported."""
@@ -119,6 +128,7 @@ class ShadowResult:
     policy_id: str
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class HeaderOps:
     """Header changes to apply when a request is allowed."""
@@ -129,6 +139,7 @@ class HeaderOps:
     response: tuple[tuple[str, str], ...] = ()
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True)
 class Decision:
     """The engine's answer. ``status`` is 200 for allow, 401/403 (or 400 for a malformed request) for deny.

@@ -40,6 +40,10 @@ COMPILED = (
     "authz.proxy.xfcc",
     "authz.proxy.paths",
     "authz.proxy.metrics",
+    # the decision's module (its classes stay regular Python classes), and the token's keys
+    "authz.decision",
+    "authz.authn.jwk",
+    "authz.authn.jwks",
     # a warm check: the engine, authentication from the verified-token cache, evaluation
     "authz.engine",
     "authz.authn.authenticator",

@@ -32,7 +32,7 @@ from authz.authn.jwks import KeySource, RemoteKeySource, StaticKeySource
 from authz.authn.jwt import Decoded, VerifiedToken, check_claims, decode_unverified, looks_like_jws, verify
 from authz.authn.model import JwtRule
 from authz.authn.settings import AuthnSettings, IssuerSettings
-from authz.authn.token_cache import DEFAULT_MAX_ENTRIES, MAX_ENTRY_TTL, TtlLru, count_cache_hit
+from authz.authn.token_cache import CACHE_HITS, DEFAULT_MAX_ENTRIES, MAX_ENTRY_TTL, TtlLru
 from authz.clock import Clock
 from authz.decision import HeaderOps
 from authz.errors import CredentialError, DependencyError
@@ -233,7 +233,7 @@ class Authenticator:
                 seen = locations.by_header_value.get(value)
                 if seen is not None:
                     if self.clock() < seen[1] and self._key_still_trusted(seen[0]):
-                        count_cache_hit()
+                        CACHE_HITS.inc()
                         return seen[2]
                     del locations.by_header_value[value]
         found = extractor.extract(http)

@@ -188,7 +188,7 @@ def parse_jwks(document: str | bytes | Mapping[str, Any], *, source: str) -> Par
     skipped: list[str] = []
     private = False
     for i, entry in enumerate(keys):
-        if isinstance(entry, Mapping) and PRIVATE_MEMBERS & entry.keys():
+        if isinstance(entry, Mapping) and not PRIVATE_MEMBERS.isdisjoint(entry.keys()):
             private = True
         try:
             usable.append(_parse_jwk(entry))

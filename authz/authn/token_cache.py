@@ -14,20 +14,16 @@ from typing import Generic, TypeVar
 
 from authz.metrics import TOKEN_CACHE
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "MAX_ENTRY_TTL", "TtlLru", "count_cache_hit", "token_digest"]
+__all__ = ["CACHE_HITS", "DEFAULT_MAX_ENTRIES", "MAX_ENTRY_TTL", "TtlLru", "token_digest"]
 
 DEFAULT_MAX_ENTRIES = 10_000  # ~10k active callers per authorizer; a few MiB of memory at most
 MAX_ENTRY_TTL = 300.0  # re-verify at least every 5 minutes, whatever the token's exp says
 
 V = TypeVar("V")
 
-_HIT = TOKEN_CACHE.labels(result="hit")
+CACHE_HITS = TOKEN_CACHE.labels(result="hit")
+"""Counts a hit, also one answered from a memo in front of the cache (the token verified and valid)."""
 _MISS = TOKEN_CACHE.labels(result="miss")
-
-
-def count_cache_hit() -> None:
-    """Count a hit answered from a memo in front of the cache (the token was verified and is valid)."""
-    _HIT.inc()
 
 
 def token_digest(token: str) -> bytes:
@@ -64,7 +60,7 @@ class TtlLru(Generic[V]):
             return None
         self._entries.move_to_end(key)
         if self.count_metrics:
-            _HIT.inc()
+            CACHE_HITS.inc()
         return entry
 
     def put(self, key: object, value: V, *, now: float, expires_at: float | None, max_ttl: float) -> None:

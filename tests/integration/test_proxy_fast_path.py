@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import h11
 import pytest
@@ -613,12 +613,14 @@ def dict_of(headers: list[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 class GarbageAuthorizer(ScriptedAuthorizer):
-    """Answers ``/boom`` with something that is not a Decision: the proxy's step reading it raises."""
+    """Allows ``/boom`` with header changes that are not a HeaderOps: the proxy's step applying them raises.
+    (A value that is not a Decision at all is refused where the compiled proxy receives it, as an
+    authorizer failure: a deny.)"""
 
     def check_now(self, request: Request, workload: Workload) -> Any:
         assert request.http is not None
         if request.http.path == "/boom":
-            return object()
+            return Decision(allowed=True, status=200, reason="allowed", headers=cast(Any, object()))
         return super().check_now(request, workload)
 
 
