@@ -234,19 +234,7 @@ class Engine:
         counted or logged for it. Otherwise the same decision :meth:`check` makes, by the same code:
         every check still resolves the peer, validates the request, checks token expiry and key trust,
         and evaluates the policy set in force."""
-        started = time.perf_counter()
-        snapshot = self._snapshot
-        if workload is None:
-            workload = self._workload(request)
-        try:
-            prepared = self._prepare(snapshot, request, workload)
-            authn = self.authenticator.authenticate_now(prepared[0], prepared[3])
-            if authn is None:
-                return None
-            decision = self._conclude(snapshot, workload, prepared, authn)
-        except Exception as exc:  # every failure is a deny (_failure logs bugs)
-            decision = self._failure(exc)
-        return self._account(decision, request, workload, started)
+        return self._decide_now(request, workload, time.perf_counter(), keep=False)
 
     def check_again(self, request: Request) -> Decision | None:
         """:meth:`check_now` for a request value its caller presents again (the HTTP front's
@@ -276,7 +264,15 @@ class Engine:
                 again = None
             if again is not None and again is kept[7]:
                 return self._account(with_decision_id(kept[8], self._next_id()), request, kept[5], started)
-        workload = self._workload(request)
+        return self._decide_now(request, None, started, keep=True)
+
+    def _decide_now(
+        self, request: Request, workload: Workload | None, started: float, *, keep: bool
+    ) -> Decision | None:
+        """:meth:`check_now`; with ``keep``, what :meth:`check_again` reuses is kept for ``request``."""
+        snapshot = self._snapshot
+        if workload is None:
+            workload = self._workload(request)
         try:
             prepared = self._prepare(snapshot, request, workload)
             authn = self.authenticator.authenticate_now(prepared[0], prepared[3])
@@ -287,7 +283,7 @@ class Engine:
                 decision = outcome
             else:
                 decision = with_decision_id(outcome[5], self._next_id())
-                if not outcome[4] and _peer_is_timeless(request, self.peer_trust):
+                if keep and not outcome[4] and _peer_is_timeless(request, self.peer_trust):
                     if len(self._replays) >= MAX_CACHED_REPLAYS:
                         self._replays.clear()
                     self._replays[id(request)] = (

@@ -34,7 +34,8 @@ TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$
 
 
 class FakeTransport:
-    def __init__(self) -> None:
+    def __init__(self, peer: tuple[str, int] = PEER) -> None:
+        self.peer = peer
         self.out: list[bytes] = []
         self.closed = False
 
@@ -48,7 +49,7 @@ class FakeTransport:
         self.closed = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return PEER if name == "peername" else default
+        return self.peer if name == "peername" else default
 
 
 def one_by_one(*args: Any, **kwargs: Any) -> HttpExtAuthzProtocol:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from authz.decision import Decision, HeaderOps
 from authz.request import Request
 from authz.server.http_ext_authz import HttpCheckSettings, HttpExtAuthzProtocol, TranslationMemo
+from tests.unit.server.test_http_front_headers import FakeTransport as Transport
 from tests.unit.server.test_http_front_headers import malformed
 
 IGNORABLE = frozenset({"x-request-id", "traceparent"})
@@ -37,25 +37,6 @@ def decide(request: Request) -> Decision:
     return Decision(
         allowed=allowed, status=200 if allowed else 403, reason="r", headers=ops, decision_id=digest[:8]
     )
-
-
-class Transport:
-    def __init__(self, peer: tuple[str, int]) -> None:
-        self.peer = peer
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
 
 
 class Checker:
