@@ -393,30 +393,38 @@ def encode_response(decision: Decision, *, keep_alive: bool) -> bytes:
 
 # -- The translation memo --------------------------------------------------------------------------------
 # Behind one Envoy, consecutive checks repeat their bytes except a request id and trace context. A read that
-# held exactly one whole check without a body is remembered by its bytes with those values cut out, with
-# the Request it translated to; a later read equal to it but for those values is answered with that
-# Request: no parsing, decoding or building. Sound because (1) only the values of headers the engine says
-# no check reads (Engine.ignorable_headers) are left out, and only while it still says so; (2) equal
-# remaining bytes at equal positions frame the same single message (a cut value holds no CR or LF), so the
-# Request is the one the parser would build but for those values; (3) a cut value must be printable ASCII
-# (what llhttp and the UTF-8 decoding accept, and less), and a read no larger than the header limit; (4) it
-# is decided at once, in the same callback (no reload in between), by Engine.check_again (check_now for a
-# request value seen before); a check that must wait takes the full path.
+# held exactly one whole check without a body is remembered (from the second time its key is seen) by its
+# bytes with those values cut out, with the Request it translated to; a later read equal to it but for
+# those values is answered with that Request: no parsing, decoding or building. Sound because:
+# (1) only the values of headers the engine says no check reads (Engine.ignorable_headers) are left out,
+#     and only while it still says so;
+# (2) equal remaining bytes at equal positions frame the same single message (a cut value holds no CR or
+#     LF), so the Request is the one the parser would build but for those values;
+# (3) a cut value must be printable ASCII (what llhttp and the UTF-8 decoding accept, and less), and the
+#     read no larger than the header limit;
+# (4) it is decided at once, in the same callback (no reload in between), by Engine.check_again
+#     (check_now for a request value seen before); a check that must wait takes the full path.
 MAX_MEMO_ENTRIES = 1024
+MAX_MEMO_SEEN = 4096  # hashes of keys seen once (ints), dropped whole when full
 _NOT_PLAIN = re.compile(rb"[^\t\x20-\x7e]")  # what a cut value may not hold: controls, DEL, non-ASCII
 
 
 class TranslationMemo:
     """Reads of one whole check, by their bytes less the values of ignorable headers, and the Request each
-    translated to (see the comment above); shared by the connections of one server (one ``settings``)."""
+    translated to (see the comment above); shared by the connections of one server (one ``settings``).
 
-    __slots__ = ("_ignorable", "check_again", "entries", "names")
+    Kept by the key's hash, the key held in the entry and compared on a hit. A key is kept from its second
+    sight on: a stream of checks that never repeat (a new path each time) keeps no requests alive and
+    costs only the key and its hash per read."""
+
+    __slots__ = ("_ignorable", "_seen", "check_again", "entries", "names")
 
     def __init__(self, ignorable: Callable[[], frozenset[str]], check_again: CheckerNow) -> None:
         self._ignorable = ignorable  # Engine.ignorable_headers
         self.check_again = check_again  # Engine.check_again: check_now for a request value seen before
         self.names: frozenset[str] = frozenset()
-        self.entries: dict[tuple[object, ...], tuple[Request, bool, tuple[str, int] | None]] = {}
+        self.entries: dict[int, _MemoEntry] = {}
+        self._seen: set[int] = set()  # hashes of keys seen once
 
     def ignorable_now(self) -> frozenset[str]:
         """The engine's ignorable headers now; when they changed, every entry is dropped."""
@@ -424,17 +432,37 @@ class TranslationMemo:
         if names is not self.names:
             if names != self.names:
                 self.entries.clear()
+                self._seen.clear()
             self.names = names
         return names
 
+    def seen_before(self, hashed: int) -> bool:
+        """Whether a key of this hash was looked up before (and note it now)."""
+        seen = self._seen
+        if hashed in seen:
+            return True
+        if len(seen) >= MAX_MEMO_SEEN:
+            seen.clear()
+        seen.add(hashed)
+        return False
+
     def store(
-        self, key: tuple[object, ...], request: Request, keep_alive: bool, peer: tuple[str, int]
+        self,
+        key: tuple[object, ...],
+        hashed: int,
+        request: Request,
+        keep_alive: bool,
+        peer: tuple[str, int],
     ) -> None:
         # A source taken from the connection (no marked source address from Envoy) binds the entry to it.
         bound = peer if (request.source.address, request.source.port) == peer else None
         if len(self.entries) >= MAX_MEMO_ENTRIES:
             self.entries.clear()
-        self.entries[key] = (request, keep_alive, bound)
+        self.entries[hashed] = (key, request, keep_alive, bound)
+
+
+# key, the Request it translated to, keep-alive, the peer it is bound to (or None)
+_MemoEntry = tuple[tuple[object, ...], Request, bool, tuple[str, int] | None]
 
 
 def _value_span(data: bytes, needle: bytes, start: int) -> tuple[int, int] | None:
@@ -485,6 +513,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_in_message",
         "_malformed",
         "_memo",
+        "_memo_hash",
         "_memo_hit",
         "_memo_key",
         "_needles",
@@ -519,6 +548,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         # Answers a read that repeats an earlier check but for its request id (only with check_now).
         self._memo = memo if check_now is not None else None
         self._memo_key: tuple[object, ...] | None = None  # this read's, while it may be remembered
+        self._memo_hash = 0  # and its hash
         self._memo_hit: tuple[Request, bool] | None = None  # the read's one check, once translated
         self._needles: tuple[bytes, ...] = ()  # b"\r\n<name>:" of the ignorable headers this peer sends
         self._needles_for: frozenset[str] = frozenset()
@@ -575,21 +605,25 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             if key is None:
                 self._needles = ()  # a learnt header missing or a value not plain: learn again
             else:
-                entry = memo.entries.get(key)
+                hashed = hash(key)
+                entry = memo.entries.get(hashed)
                 if (
                     entry is not None
-                    and (entry[2] is None or entry[2] == self._peer)
-                    and self._answer_now(entry[0], entry[1], memo.check_again)
+                    and entry[0] == key
+                    and (entry[3] is None or entry[3] == self._peer)
+                    and self._answer_now(entry[1], entry[2], memo.check_again)
                 ):
                     return
-                self._memo_key = key
+                if memo.seen_before(hashed):
+                    self._memo_key = key
+                    self._memo_hash = hashed
         self._feed(data)
         key = self._memo_key
         if key is not None:
             self._memo_key = None
             hit = self._memo_hit
             if hit is not None and memo is not None and not self._in_message:
-                memo.store(key, hit[0], hit[1], self._peer)
+                memo.store(key, self._memo_hash, hit[0], hit[1], self._peer)
             self._memo_hit = None
 
     def _feed(self, data: bytes) -> None:

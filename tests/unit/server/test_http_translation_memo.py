@@ -127,15 +127,24 @@ def test_a_repeat_but_for_its_request_id_is_answered_from_the_memo() -> None:
     checker = Checker()
     memo = memo_for(lambda: IGNORABLE, checker)
     proto, transport = connect(checker, memo)
-    reads = [message(rid=b"id-%d" % i) for i in range(5)]
+    reads = [message(rid=b"id-%d" % i) for i in range(6)]
     out = feed(reads, proto, transport)
     ref_checker = Checker()
     assert out == feed(reads, *connect(ref_checker, None))
-    # The first read is translated and teaches the peer's ignorable headers, the second is remembered,
-    # the rest are answered with the second's Request, through check_again.
-    assert len(checker.asked) == 2 and len(checker.again) == 3
-    assert all(r is checker.asked[1] for r in checker.again)
+    # The first read is translated and teaches the peer's ignorable headers, the second's key is noted,
+    # the third (its second sight) is remembered, the rest are answered with the third's Request, through
+    # check_again.
+    assert len(checker.asked) == 3 and len(checker.again) == 3
+    assert all(r is checker.asked[2] for r in checker.again)
     assert len(memo.entries) == 1
+
+
+def test_checks_that_never_repeat_keep_nothing() -> None:
+    checker = Checker()
+    memo = memo_for(lambda: IGNORABLE, checker)
+    reads = [message(path=b"/ok/%d" % i, rid=b"id-%d" % i) for i in range(50)]
+    assert feed(reads, *connect(checker, memo)) == feed(reads, *connect(Checker(), None))
+    assert not memo.entries and not checker.again
 
 
 def test_a_changed_set_of_ignorable_headers_drops_the_entries() -> None:
@@ -143,15 +152,15 @@ def test_a_changed_set_of_ignorable_headers_drops_the_entries() -> None:
     checker = Checker()
     memo = memo_for(lambda: names[0], checker)
     proto, transport = connect(checker, memo)
-    feed([message(rid=b"a"), message(rid=b"b"), message(rid=b"c")], proto, transport)
+    feed([message(rid=b"a"), message(rid=b"b"), message(rid=b"c"), message(rid=b"d")], proto, transport)
     assert len(checker.again) == 1
     names[0] = frozenset({"traceparent"})  # a policy now reads x-request-id
     transport.out.clear()
-    reads = [message(rid=b"d"), message(rid=b"e"), message(rid=b"f")]
+    reads = [message(rid=b"e"), message(rid=b"f"), message(rid=b"g"), message(rid=b"h")]
     out = feed(reads, proto, transport)
     assert out == feed(reads, *connect(Checker(), None))
     assert len(checker.again) == 1 and not memo.entries  # every read translated again, none kept
-    assert len(checker.asked) == 2 + 3
+    assert len(checker.asked) == 3 + 4
 
 
 def test_values_that_are_not_plain_take_the_full_path() -> None:
@@ -166,7 +175,7 @@ def test_values_that_are_not_plain_take_the_full_path() -> None:
 def test_a_source_taken_from_the_connection_binds_the_entry_to_that_peer() -> None:
     checker = Checker()
     memo = memo_for(lambda: IGNORABLE, checker)
-    reads = [message(rid=b"a", source=None), message(rid=b"b", source=None)]
+    reads = [message(rid=b"a", source=None), message(rid=b"b", source=None), message(rid=b"c", source=None)]
     first = connect(checker, memo, peer=("192.0.2.1", 1111))
     second = connect(checker, memo, peer=("192.0.2.2", 2222))
     feed(reads, *first)
@@ -181,7 +190,7 @@ def test_a_check_that_must_wait_takes_the_full_path_in_order() -> None:
     checker = Checker()
     memo = memo_for(lambda: IGNORABLE, checker)
     proto, transport = connect(checker, memo)
-    feed([message(rid=b"a"), message(rid=b"b")], proto, transport)
+    feed([message(rid=b"a"), message(rid=b"b"), message(rid=b"c")], proto, transport)
     checker.now = False  # a token to verify: check_again and check_now decline, check decides
     reads = [message(rid=b"c"), message(rid=b"d", path=b"/no")]
     transport.out.clear()
@@ -327,3 +336,15 @@ def test_with_the_engine_a_header_a_policy_reads_is_never_left_out() -> None:
     reads = [message(rid=b"%d" % i, trace=b"bad" if i == 3 else b"ok") for i in range(5)]
     assert _statuses(feed(reads, proto, transport)) == [b"200", b"200", b"200", b"403", b"200"]
     assert memo.entries
+
+
+def test_an_entry_is_used_only_for_its_own_key_not_for_its_hash() -> None:
+    checker = Checker()
+    memo = memo_for(lambda: IGNORABLE, checker)
+    proto, transport = connect(checker, memo)
+    feed([message(rid=b"a"), message(rid=b"b"), message(rid=b"c")], proto, transport)
+    ((hashed, (key, request, keep_alive, bound)),) = memo.entries.items()
+    # Another key in the same slot (as a hash collision would put it): the read must not get its Request.
+    memo.entries[hashed] = ((*key[:-1], key[-1] + b"x"), request, keep_alive, bound)
+    feed([message(rid=b"d")], proto, transport)
+    assert not checker.again and checker.asked[-1] is not request
