@@ -511,6 +511,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         "_error",
         "_in_body",
         "_in_message",
+        "_learn",
         "_malformed",
         "_memo",
         "_memo_hash",
@@ -551,7 +552,8 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
         self._memo_hash = 0  # and its hash
         self._memo_hit: tuple[Request, bool] | None = None  # the read's one check, once translated
         self._needles: tuple[bytes, ...] = ()  # b"\r\n<name>:" of the ignorable headers this peer sends
-        self._needles_for: frozenset[str] = frozenset()
+        self._needles_for: frozenset[str] = frozenset()  # the ignorable set they were learnt for
+        self._learn = True  # learn them at the next full parse
         # Header fields decoded through a plan per sequence of names (False: one by one, the reference the
         # tests compare the plans with).
         self._planned = planned
@@ -600,10 +602,10 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             and len(data) <= MAX_HEADERS_BYTES
         ):
             if memo.ignorable_now() is not self._needles_for:
-                self._needles, self._needles_for = (), memo.names  # relearnt by the next full parse
+                self._needles, self._learn = (), True  # relearnt by the next full parse
             key = _memo_key(data, self._needles) if self._needles else None
             if key is None:
-                self._needles = ()  # a learnt header missing or a value not plain: learn again
+                self._learn = self._learn or bool(self._needles)  # a learnt header missing: learn again
             else:
                 hashed = hash(key)
                 entry = memo.entries.get(hashed)
@@ -740,7 +742,7 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
                 run_eagerly(self._drain())
 
     def _remember(self, item: Request | MalformedRequest, keep_alive: bool) -> None:
-        """The memo's side of a full parse: learn which ignorable headers this peer sends (unless known),
+        """The memo's side of a full parse: learn which ignorable headers this peer sends (when asked to),
         and keep the check for the read's key when it is the read's only message, has no body and
         translated."""
         if self._memo_key is not None:
@@ -749,9 +751,9 @@ class HttpExtAuthzProtocol(asyncio.Protocol):
             else:  # a second message in the read, a body, or a malformed check: not remembered
                 self._memo_key = None
                 self._memo_hit = None
-        if not self._needles and isinstance(item, Request) and self._memo is not None:
+        if self._learn and isinstance(item, Request) and self._memo is not None:
             names = self._memo.ignorable_now()
-            self._needles_for = names
+            self._needles_for, self._learn = names, False
             self._needles = tuple(
                 b"\r\n" + name + b":" for name in self._raw[0::2] if name.decode("latin-1").lower() in names
             )

@@ -348,3 +348,12 @@ def test_an_entry_is_used_only_for_its_own_key_not_for_its_hash() -> None:
     memo.entries[hashed] = ((*key[:-1], key[-1] + b"x"), request, keep_alive, bound)
     feed([message(rid=b"d")], proto, transport)
     assert not checker.again and checker.asked[-1] is not request
+
+
+def test_a_peer_without_ignorable_headers_is_learnt_once() -> None:
+    checker = Checker()
+    proto, transport = connect(checker, memo_for(lambda: IGNORABLE, checker))
+    reads = [message(rid=b"%d" % i, rid_name=b"x-other") for i in range(4)]
+    assert feed(reads, proto, transport) == feed(reads, *connect(Checker(), None))
+    assert proto._needles == () and not proto._learn  # nothing to cut: no key is tried, nothing relearnt
+    assert not checker.again
