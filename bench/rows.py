@@ -83,6 +83,8 @@ class RowSpec:
     auth: bool = True
     reads_headers: bool = False
     """Row 3ht: the bare HTTP check server decodes every header and keeps a token cache."""
+    new_paths: bool = False
+    """Row 3hp1: every request asks a new path (same token), so no check repeats an earlier one."""
     grpc_server: Literal["h2", "grpcio"] = "h2"
     """gRPC rows: ``authz serve --grpc-server`` (h2: the h2c front, the default; grpcio: grpc.aio)."""
 
@@ -130,6 +132,17 @@ def _ext_rows() -> list[RowSpec]:
                         workers=workers,
                     )
                 )
+        if mode == "http":
+            out.append(
+                RowSpec(
+                    id="3hp1",
+                    title="Envoy + authz http ext_authz, warm token, a new path per request, 1 worker",
+                    kind="ext_authz",
+                    anchor="2a",
+                    mode="http",
+                    new_paths=True,
+                )
+            )
         if mode == "grpc":
             out.append(
                 RowSpec(
@@ -473,9 +486,9 @@ def _setup(ctx: BenchContext, spec: RowSpec, procs: ProcessSet) -> tuple[int, di
 
 def _load_argv(ctx: BenchContext, spec: RowSpec, port: int, duration_s: float) -> list[str]:
     opts = ctx.options
-    script = ctx.tmp / ("rotate.lua" if spec.cold else "static.lua")
+    script = ctx.tmp / ("rotate.lua" if spec.cold else "paths.lua" if spec.new_paths else "static.lua")
     if not script.exists():
-        script.write_text(lua_script(rotate_tokens=spec.cold), encoding="utf-8")
+        script.write_text(lua_script(rotate_tokens=spec.cold, new_paths=spec.new_paths), encoding="utf-8")
     return wrk_command(
         f"http://127.0.0.1:{port}{configs.BENCH_PATH}",
         duration_s=duration_s,

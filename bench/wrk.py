@@ -61,13 +61,27 @@ end
 """
 
 
-def lua_script(*, rotate_tokens: bool) -> str:
-    """The Lua script text: ``done`` always; a token-rotating ``request`` when ``rotate_tokens``.
+# A new path under the URL's for every request (``/api/items/1``, ``/api/items/2``, ...), the same headers
+# (the -H token): no two checks are alike, so nothing an authorizer remembers per request ever repeats.
+_NEW_PATHS = """
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, wrk.path .. "/" .. counter)
+end
+"""
+
+
+def lua_script(*, rotate_tokens: bool, new_paths: bool = False) -> str:
+    """The Lua script text: ``done`` always; a token-rotating ``request`` when ``rotate_tokens``, one that
+    asks a new path each time when ``new_paths`` (not both).
 
     wrk pre-builds one request and reuses it unless the script defines ``request`` (wrk src/script.c
     ``script_is_static``), so the warm script defines none: warm rows pay no Lua per request.
     """
-    return (_ROTATE if rotate_tokens else "") + _DONE
+    if rotate_tokens and new_paths:
+        raise ValueError("one request function per script: rotate tokens or paths, not both")
+    return (_ROTATE if rotate_tokens else _NEW_PATHS if new_paths else "") + _DONE
 
 
 def wrk_command(

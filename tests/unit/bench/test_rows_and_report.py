@@ -55,9 +55,9 @@ def test_the_floor_rows_one_per_protocol_before_their_protocol_rows() -> None:
 
 
 def test_selection_by_prefix_keeps_table_order() -> None:
-    assert ids(select_rows(["3h", "1"])) == ["1", "3hb", "3ht", "3hw1", "3hc1", "3hw2", "3hc2"]
+    assert ids(select_rows(["3h", "1"])) == ["1", "3hb", "3ht", "3hw1", "3hc1", "3hw2", "3hc2", "3hp1"]
     assert ids(select_rows(["2a", "2a", " 2b "])) == ["2a", "2b"]
-    assert len(select_rows(["3"])) == 12  # 3gb, 3g{w,c}{1,2}, 3gi1 (grpc.aio), 3hb, 3ht, 3h{w,c}{1,2}
+    assert len(select_rows(["3"])) == 13  # 3gb, 3g{w,c}{1,2}, 3gi1 (grpc.aio), 3hb, 3ht, 3h{w,c}{1,2}, 3hp1
     assert ids(select_rows(["3hw1", "3gb", "3hb", "3gw1"])) == ["3gb", "3gw1", "3hb", "3hw1"]
     assert ids(select_rows(["3gb"])) == ["3gb"]
     assert select_rows([]) == []

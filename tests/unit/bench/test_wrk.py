@@ -124,6 +124,11 @@ def test_static_script_defines_no_request_function() -> None:
     assert "request = function" in rotating
     assert "io.lines(args[1])" in rotating
     assert "BENCH_RESULT" in rotating
+    paths = lua_script(rotate_tokens=False, new_paths=True)
+    assert "request = function" in paths and 'wrk.path .. "/" .. counter' in paths
+    assert "io.lines" not in paths and "BENCH_RESULT" in paths
+    with pytest.raises(ValueError, match="not both"):
+        lua_script(rotate_tokens=True, new_paths=True)
 
 
 def test_command_shape() -> None:
