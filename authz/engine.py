@@ -36,6 +36,7 @@ from authz.identity import (
     check_spiffe_binding,
     resolve_peer_identity,
 )
+from authz.identity.peer import identity_is_timeless
 from authz.loop_metrics import CounterChild
 from authz.metrics import CHECK_LATENCY, CHECKS, INTERNAL_ERRORS
 from authz.policy import PolicyResult, check_http_request, evaluate, normalize_path
@@ -283,7 +284,7 @@ class Engine:
                 decision = outcome
             else:
                 decision = with_decision_id(outcome[5], self._next_id())
-                if keep and not outcome[4] and _peer_is_timeless(request, self.peer_trust):
+                if keep and not outcome[4] and identity_is_timeless(request, self.peer_trust):
                     if len(self._replays) >= MAX_CACHED_REPLAYS:
                         self._replays.clear()
                     self._replays[id(request)] = (
@@ -477,13 +478,6 @@ class Engine:
             self._rules.clear()
         entry = self._rules[id(workload)] = (workload, snapshot, snapshot.jwt_rules_for(workload))
         return entry
-
-
-def _peer_is_timeless(request: Request, trust: PeerTrust) -> bool:
-    """Whether the peer identity of ``request`` is a function of the request alone: no certificate and no
-    XFCC to check against the clock (:func:`resolve_peer_identity`)."""
-    http = request.http
-    return not request.source.certificate and (http is None or trust.xfcc_key not in http.headers)
 
 
 def _is_bound(token: VerifiedToken) -> bool:

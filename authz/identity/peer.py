@@ -39,7 +39,14 @@ from authz.identity.certs import (
 from authz.identity.spiffe import SCHEME_PREFIX, InvalidSpiffeId, SpiffeId, validate_trust_domain
 from authz.request import Request
 
-__all__ = ["PeerIdentity", "PeerSource", "PeerTrust", "RejectedSource", "resolve_peer_identity"]
+__all__ = [
+    "PeerIdentity",
+    "PeerSource",
+    "PeerTrust",
+    "RejectedSource",
+    "identity_is_timeless",
+    "resolve_peer_identity",
+]
 
 PeerSource = Literal["principal", "certificate", "xfcc", "none"]
 
@@ -304,6 +311,14 @@ def _from_principal_only(principal: str) -> PeerIdentity:
     if isinstance(found, RejectedSource):
         raise _Rejected(found.source, found.reason, found.message)
     return found
+
+
+def identity_is_timeless(request: Request, trust: PeerTrust) -> bool:
+    """Whether :func:`resolve_peer_identity` gives ``request`` the same identity at any ``now``: it reads
+    the clock only to check a certificate (``source.certificate``, XFCC), so without either it is a
+    function of the request and ``trust`` alone."""
+    http = request.http
+    return not request.source.certificate and (http is None or trust.xfcc_key not in http.headers)
 
 
 def resolve_peer_identity(request: Request, *, trust: PeerTrust, now: float) -> PeerIdentity:
